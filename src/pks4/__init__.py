@@ -1,0 +1,30 @@
+"""pks4: efficient video understanding with state space models.
+
+Data flows through the sub-packages in this order:
+``data`` (video -> frames -> clips) -> ``layers``/``ssm`` (building blocks) -> ``models`` (clip -> logits)
+-> ``engine`` (train / evaluate / predict / profile) -> ``cli``.
+
+The names below are the public entry points; they are imported lazily so that ``import pks4`` stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "create_model": "pks4.models.registry",
+    "list_models": "pks4.models.registry",
+    "selective_scan": "pks4.ssm.scan",
+    "selective_scan_ref": "pks4.ssm.scan",
+    "load_pretrained_backbone": "pks4.weights",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pks4' has no attribute {name!r}")
