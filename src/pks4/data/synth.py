@@ -1,0 +1,341 @@
+"""The built-in temporal benchmark: a small Something-Something-like dataset written as real mp4 files.
+
+Classes come in time-reversed pairs (moving right / moving left, moving down / moving up, approaching /
+receding, rotating clockwise / counter-clockwise, appearing / disappearing). A video of the second class of a
+pair is rendered exactly like one of the first class and then played backwards, so both classes draw their
+frames from the same distribution of frame SETS: a model that averages per-frame features cannot tell a pair
+apart (it is at chance within each pair, <= 50% overall with 5 pairs), while a model that sees temporal order
+can. This is the property SSV2 is built around ("temporal-heavy", PKS4 paper §4) in a form that trains on a
+laptop in minutes.
+
+Scenes have textured backgrounds, static distractor shapes, per-frame camera jitter and objects of varied
+shape, colour, size and speed; every random choice flows from ``seed``, so the same seed gives the same files.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Sequence
+
+import av
+import numpy as np
+
+__all__ = [
+    "CLASSES",
+    "FLIP_PAIRS",
+    "SynthParams",
+    "SynthSplits",
+    "ENCODER_OPTIONS",
+    "write_video",
+    "sample_params",
+    "render_clip",
+    "generate_synth",
+]
+
+# Pairs (played forward, played backward); class index 2k is the forward member of pair k.
+PAIRS: tuple[tuple[str, str, str], ...] = (
+    ("translate_x", "moving_right", "moving_left"),
+    ("translate_y", "moving_down", "moving_up"),
+    ("scale", "approaching", "receding"),
+    ("rotate", "rotating_clockwise", "rotating_counterclockwise"),
+    ("fade", "appearing", "disappearing"),
+)
+CLASSES: tuple[str, ...] = tuple(name for _, fwd, bwd in PAIRS for name in (fwd, bwd))
+# A horizontal flip turns these classes into each other (for the "swap" flip mode).
+FLIP_PAIRS: tuple[tuple[str, str], ...] = (
+    ("moving_right", "moving_left"),
+    ("rotating_clockwise", "rotating_counterclockwise"),
+)
+SHAPES = ("square", "triangle", "cross", "ell", "disc", "diamond")
+# Every frame coded alone at a constant quantiser: identical frames then decode identically wherever they sit in
+# the clip, so the pair property (same frames, reversed order) holds for the decoded files too, and compression
+# artefacts cannot leak the playing direction to an order-blind model.
+ENCODER_OPTIONS = {"x264-params": "keyint=1:qp=14"}
+_JITTER = 2  # camera shake in pixels; the canvas is rendered this much larger on every side
+
+
+def write_video(
+    path: str | os.PathLike,
+    frames_uint8,
+    fps: float,
+    codec: str = "libx264",
+    *,
+    crf: int | None = 12,
+    rotation: int = 0,
+    timestamps: Sequence[float] | None = None,
+    options: dict[str, str] | None = None,
+) -> Path:
+    """Encode ``frames_uint8`` (T, H, W, 3) RGB, or (T, H, W) / (T, H, W, 1) grayscale, into ``path``.
+
+    The container follows the suffix (.mp4, .mkv, .webm, .avi). libx264 writes yuv420p, or yuv444p when a side
+    is odd (4:2:0 needs even sizes); ``codec="ffv1"`` keeps grayscale as gray. ``rotation`` stores a display
+    matrix (counter-clockwise degrees); ``timestamps`` (seconds, increasing) make a variable-frame-rate
+    file; ``options`` go to the encoder (e.g. ``{"g": "4"}`` for a keyframe every 4 frames).
+    Encoding runs on one thread so the bytes are the same on every machine.
+    """
+    arr = np.asarray(frames_uint8)
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[-1] != 3):
+        raise ValueError(f"write_video({path}): expected uint8 (T,H,W,3) or (T,H,W), got {arr.dtype} {arr.shape}")
+    gray_in = arr.ndim == 3
+    t, h, w = arr.shape[:3]
+    if timestamps is not None and len(timestamps) != t:
+        raise ValueError(f"write_video({path}): {len(timestamps)} timestamps for {t} frames")
+    pix_fmt = _pix_fmt(codec, h, w, gray_in)
+    if gray_in and pix_fmt != "gray":
+        arr, gray_in = np.repeat(arr[..., None], 3, axis=-1), False
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        stream.thread_count = 1
+        if codec == "libx264":
+            rate = {"crf": str(crf)} if crf is not None else {}
+            stream.options = {**rate, "preset": "veryfast", **(options or {})}
+        elif options:
+            stream.options = dict(options)
+        if rotation:
+            stream.set_display_rotation(rotation)
+        if timestamps is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for i in range(t):
+            frame = av.VideoFrame.from_ndarray(arr[i], format="gray" if gray_in else "rgb24")
+            if timestamps is not None:
+                frame.pts, frame.time_base = int(round(timestamps[i] * 1000)), Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def _pix_fmt(codec: str, h: int, w: int, gray: bool) -> str:
+    if codec == "ffv1":
+        return "gray" if gray else "yuv444p"
+    if codec in ("libx264", "mpeg4", "libvpx", "libvpx-vp9") and (h % 2 or w % 2):
+        if codec != "libx264":
+            raise ValueError(f"codec {codec} needs even frame sizes, got {h}x{w}; use libx264 or ffv1")
+        return "yuv444p"
+    return "yuv420p"
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    """Everything random about one video; rendering is a pure function of these and the class's pair."""
+
+    shape: str
+    color: tuple[int, int, int]
+    marker: tuple[int, int, int]
+    radius0: float  # object half-size at the first frame (px)
+    radius1: float  # ... and at the last (differs only for the scale pair)
+    start: tuple[float, float]  # object centre (x, y) at the first frame, canvas pixels
+    velocity: tuple[float, float]  # px per frame (translate pairs)
+    angle0: float  # degrees
+    spin: float  # degrees per frame, positive = clockwise on screen
+    background_seed: int
+    distractors: tuple[tuple[str, tuple[int, int, int], float, float, float], ...]  # shape, colour, r, x, y
+    jitter: tuple[tuple[int, int], ...]  # camera offset per frame
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
+    i = int(h * 6) % 6
+    f = h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    rgb = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+    return tuple(int(round(c * 255)) for c in rgb)
+
+
+def sample_params(rng: np.random.Generator, kind: str, num_frames: int, size: int) -> SynthParams:
+    """Random scene for one video of pair ``kind`` ("translate_x", "translate_y", "scale", "rotate", "fade").
+
+    Motion is large (1.5-2.4 px per frame, 11-20 degrees per frame, 3x growth) so that a small model learns it
+    quickly; the whole path stays inside the frame.
+    """
+    s = size / 64.0  # all pixel quantities are tuned at 64 px and scale with the frame
+    steps = max(num_frames - 1, 1)
+    r = float(rng.uniform(7, 10.5)) * s
+    r0 = r1 = r
+    vx = vy = 0.0
+    if kind == "scale":
+        r0, r1 = float(rng.uniform(4, 6)) * s, float(rng.uniform(14, 19)) * s
+    margin = max(r0, r1) + _JITTER
+    cx, cy = (float(rng.uniform(margin, size - margin)) for _ in range(2))
+    if kind in ("translate_x", "translate_y"):
+        speed = min(float(rng.uniform(1.5, 2.4)) * s, (size - 2 * margin) / steps)
+        lo = margin
+        hi = size - margin - speed * steps
+        pos = float(rng.uniform(lo, max(lo, hi)))
+        if kind == "translate_x":
+            cx, vx = pos, speed
+        else:
+            cy, vy = pos, speed
+    hue = float(rng.uniform())
+    hue_m = (hue + 0.5) % 1.0
+    distractors = tuple(
+        (SHAPES[int(rng.integers(len(SHAPES)))], _hsv_to_rgb(float(rng.uniform()), float(rng.uniform(0.2, 0.6)),
+                                                             float(rng.uniform(0.4, 0.8))),
+         float(rng.uniform(2.5, 5)) * s, float(rng.uniform(0, size)), float(rng.uniform(0, size)))
+        for _ in range(int(rng.integers(1, 4)))
+    )
+    return SynthParams(
+        shape=SHAPES[int(rng.integers(len(SHAPES)))],
+        color=_hsv_to_rgb(hue, float(rng.uniform(0.65, 1.0)), float(rng.uniform(0.8, 1.0))),
+        marker=_hsv_to_rgb(hue_m, 1.0, float(rng.uniform(0.1, 0.3))),
+        radius0=r0, radius1=r1, start=(cx, cy), velocity=(vx, vy),
+        angle0=float(rng.uniform(0, 360)),
+        spin=float(rng.uniform(11, 20)) if kind == "rotate" else 0.0,
+        background_seed=int(rng.integers(2**31)),
+        distractors=distractors,
+        jitter=tuple((int(a), int(b)) for a, b in rng.integers(-_JITTER, _JITTER + 1, size=(num_frames, 2))),
+    )
+
+
+def _background(seed: int, n: int) -> np.ndarray:
+    """Muted texture (n, n, 3) float: coarse colour blobs plus fine grain, darker than the objects."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 1, size=(5, 5, 3))
+    grid = np.linspace(0, 4, n)
+    i0 = np.clip(grid.astype(int), 0, 3)
+    f = (grid - i0)[:, None]
+    rows = coarse[i0] * (1 - f[..., None]) + coarse[i0 + 1] * f[..., None]  # (n, 5, 3)
+    img = rows[:, i0] * (1 - f.T[..., None]) + rows[:, i0 + 1] * f.T[..., None]  # (n, n, 3)
+    base = rng.uniform(40, 110, size=3)
+    grain = rng.normal(0, 10, size=(n, n, 1))
+    return base + 50 * (img - 0.5) + grain
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Inside test in the object's own unit frame (u right, v down, radius 1)."""
+    au, av_ = np.abs(u), np.abs(v)
+    if shape == "square":
+        return np.maximum(au, av_) <= 0.85
+    if shape == "disc":
+        return u * u + v * v <= 1.0
+    if shape == "diamond":
+        return au + av_ <= 1.1
+    if shape == "triangle":  # pointing up in its own frame
+        return (v <= 0.8) & (v >= -1.0 + 1.8 * au)
+    if shape == "cross":
+        return ((au <= 0.35) & (av_ <= 1.0)) | ((au <= 1.0) & (av_ <= 0.35))
+    if shape == "ell":
+        return ((u >= -0.9) & (u <= -0.2) & (av_ <= 0.95)) | ((u >= -0.9) & (u <= 0.9) & (v >= 0.3) & (v <= 0.95))
+    raise ValueError(f"unknown synth shape {shape!r}; expected one of {SHAPES}")
+
+
+def _paint(canvas: np.ndarray, xs: np.ndarray, ys: np.ndarray, shape: str, color, r: float, cx: float, cy: float,
+           angle: float = 0.0, alpha: float = 1.0, marker=None) -> None:
+    """Draw one shape (rotated by ``angle`` degrees clockwise on screen) into ``canvas`` in place."""
+    t = np.deg2rad(angle)
+    dx, dy = (xs - cx) / r, (ys - cy) / r
+    u = dx * np.cos(t) + dy * np.sin(t)
+    v = -dx * np.sin(t) + dy * np.cos(t)
+    inside = _shape_mask(shape, u, v)
+    canvas[inside] = (1 - alpha) * canvas[inside] + alpha * np.asarray(color, dtype=np.float64)
+    if marker is not None:  # an off-centre dot makes every shape (even the disc) show its rotation
+        dot = u ** 2 + (v + 0.45) ** 2 <= 0.3 ** 2
+        canvas[dot] = (1 - alpha) * canvas[dot] + alpha * np.asarray(marker, dtype=np.float64)
+
+
+def _render_forward(kind: str, p: SynthParams, num_frames: int, size: int) -> np.ndarray:
+    n = size + 2 * _JITTER
+    scene = _background(p.background_seed, n)
+    ys, xs = np.mgrid[0:n, 0:n].astype(np.float64) - _JITTER
+    for shape, color, r, x, y in p.distractors:
+        _paint(scene, xs, ys, shape, color, r, x, y)
+    out = np.empty((num_frames, size, size, 3), dtype=np.uint8)
+    steps = max(num_frames - 1, 1)
+    for i in range(num_frames):
+        a = i / steps
+        frame = scene.copy()
+        r = p.radius0 * (p.radius1 / p.radius0) ** a  # geometric growth looks like constant approach speed
+        cx, cy = p.start[0] + p.velocity[0] * i, p.start[1] + p.velocity[1] * i
+        alpha = a if kind == "fade" else 1.0
+        _paint(frame, xs, ys, p.shape, p.color, r, cx, cy, p.angle0 + p.spin * i, alpha, p.marker)
+        jx, jy = p.jitter[i]
+        crop = frame[_JITTER + jy:_JITTER + jy + size, _JITTER + jx:_JITTER + jx + size]
+        out[i] = np.clip(crop, 0, 255).astype(np.uint8)
+    return out
+
+
+def render_clip(label: int, params: SynthParams, num_frames: int, size: int) -> np.ndarray:
+    """Frames (T, size, size, 3) uint8 of class ``label``; the second class of a pair is the first reversed."""
+    if not 0 <= label < len(CLASSES):
+        raise ValueError(f"synth label {label} out of range [0, {len(CLASSES)})")
+    kind = PAIRS[label // 2][0]
+    frames = _render_forward(kind, params, num_frames, size)
+    return frames[::-1].copy() if label % 2 else frames
+
+
+@dataclass(frozen=True)
+class SynthSplits:
+    """Where ``generate_synth`` put things: lists are ``path label`` lines relative to ``root``."""
+
+    root: Path
+    train: Path
+    val: Path
+    labels: Path
+    flip_pairs: Path
+    num_classes: int
+    size: int = 64
+
+    def data_config(self, **overrides):
+        """A DataConfig for this benchmark: full-frame clips, flips that swap the left/right and
+        clockwise/counter-clockwise labels, mild crops (a tight crop can cut the moving object out)."""
+        from .datasets import DataConfig
+
+        settings = dict(format="list", root=str(self.root), train=str(self.train), val=str(self.val),
+                        labels=str(self.labels), num_frames=8, size=self.size, short_side=self.size,
+                        flip="swap", flip_pairs=str(self.flip_pairs), scale=(0.5, 1.0))
+        settings.update(overrides)
+        return DataConfig(**settings)
+
+
+def generate_synth(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    num_train_per_class: int = 40,
+    num_val_per_class: int = 12,
+    num_frames: int = 16,
+    size: int = 64,
+    fps: float = 8.0,
+) -> SynthSplits:
+    """Write the synthetic benchmark under ``out_dir`` and return its paths; deterministic in ``seed``.
+
+    Layout: ``{train,val}/<class>/<class>_<k>.mp4``, ``train.txt``/``val.txt`` (``path label``),
+    ``classes.txt`` (one name per line) and ``flip_pairs.txt`` (class names a horizontal flip swaps).
+    A ``manifest.json`` written last records the settings; a folder whose manifest matches is reused as is.
+    Defaults (10 classes, 400 train / 120 val videos of 16 x 64 x 64) generate in a few seconds.
+    """
+    root = Path(out_dir)
+    settings = dict(seed=seed, num_train_per_class=num_train_per_class, num_val_per_class=num_val_per_class,
+                    num_frames=num_frames, size=size, fps=fps, classes=list(CLASSES), version=2)
+    splits = SynthSplits(root, root / "train.txt", root / "val.txt", root / "classes.txt",
+                         root / "flip_pairs.txt", len(CLASSES), size)
+    manifest = root / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()) == settings:
+        return splits
+    root.mkdir(parents=True, exist_ok=True)
+    for split_id, (split, per_class) in enumerate((("train", num_train_per_class), ("val", num_val_per_class))):
+        lines = []
+        for label, name in enumerate(CLASSES):
+            for k in range(per_class):
+                rng = np.random.default_rng([seed, split_id, label, k])
+                params = sample_params(rng, PAIRS[label // 2][0], num_frames, size)
+                rel = f"{split}/{name}/{name}_{k:03d}.mp4"
+                write_video(root / rel, render_clip(label, params, num_frames, size), fps, crf=None,
+                            options=ENCODER_OPTIONS)
+                lines.append(f"{rel} {label}")
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    splits.labels.write_text("\n".join(CLASSES) + "\n")
+    splits.flip_pairs.write_text("\n".join(f"{a} {b}" for a, b in FLIP_PAIRS) + "\n")
+    manifest.write_text(json.dumps(settings, indent=1))
+    return splits
+
+
+def params_to_dict(p: SynthParams) -> dict:
+    """Plain-dict view of the parameters (for logs and reproducibility notes)."""
+    return asdict(p)
