@@ -1,0 +1,243 @@
+"""The one inference path: multi-view scoring, aggregation and metrics, shared by eval, predict and the demo.
+
+Multi-view testing (#frames x #clips x #crops, e.g. 8x2x3) scores every view separately, takes the softmax
+per view and averages the probabilities (PKS4 section 4.2 / Table 3 test protocol). Accuracies are reported in
+percent.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "EvalOutput", "aggregate_views", "run_views", "topk_accuracy", "mean_class_accuracy", "confusion_matrix",
+    "compute_metrics", "save_confusion_matrix", "evaluate", "predict_videos", "topk_labels",
+    "evaluate_checkpoint", "predict_checkpoint",
+]
+
+
+@dataclass
+class EvalOutput:
+    """Per-sample results of :func:`evaluate`, ordered by dataset index."""
+
+    probs: torch.Tensor  # (N, K) view-averaged probabilities
+    labels: torch.Tensor  # (N,)
+    indices: torch.Tensor  # (N,) dataset indices
+
+
+def aggregate_views(logits: torch.Tensor) -> torch.Tensor:
+    """(N, V, K) logits -> (N, K) probabilities: softmax per view, then the mean over views."""
+    if logits.ndim != 3:
+        raise ValueError(f"aggregate_views expects logits (N, V, K), got shape {tuple(logits.shape)}")
+    return logits.float().softmax(dim=-1).mean(dim=1)
+
+
+@torch.no_grad()
+def run_views(model: nn.Module, views: torch.Tensor, chunk: int = 16,
+              amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Score (N, V, T, 3, H, W) clips view by view -> logits (N, V, K); a (N, T, 3, H, W) input is one view."""
+    if views.ndim == 5:
+        views = views.unsqueeze(1)
+    if views.ndim != 6:
+        raise ValueError(f"expected views (N, V, T, 3, H, W), got shape {tuple(views.shape)}")
+    n, v = views.shape[:2]
+    flat = views.flatten(0, 1)  # (N*V, T, 3, H, W): views are independent clips
+    device = next(model.parameters()).device
+    outs = []
+    for start in range(0, flat.shape[0], chunk):
+        x = flat[start:start + chunk].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outs.append(model(x).float())
+    return torch.cat(outs).view(n, v, -1)
+
+
+def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Percent of samples whose label is among the k highest scores (k clipped to the class count)."""
+    if len(labels) == 0:
+        return {k: 0.0 for k in ks}
+    order = probs.topk(min(max(ks), probs.shape[1]), dim=1).indices
+    hits = order == labels.view(-1, 1)
+    return {k: 100.0 * hits[:, :k].any(dim=1).double().mean().item() for k in ks}
+
+
+def mean_class_accuracy(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Percent top-1 accuracy averaged over the classes present in ``labels`` (each class weighs the same)."""
+    cm = confusion_matrix(probs.argmax(dim=1), labels, num_classes)
+    per_class = cm.diag().double() / cm.sum(dim=1).clamp(min=1).double()
+    present = cm.sum(dim=1) > 0
+    return 100.0 * per_class[present].mean().item() if present.any() else 0.0
+
+
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, K) counts; row = true class, column = predicted class."""
+    idx = labels.long() * num_classes + preds.long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def compute_metrics(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """``{"top1", "top5", "mean_class"}`` in percent."""
+    acc = topk_accuracy(probs, labels, (1, 5))
+    return {"top1": acc[1], "top5": acc[5], "mean_class": mean_class_accuracy(probs, labels, num_classes)}
+
+
+def save_confusion_matrix(cm: torch.Tensor, classes: Sequence[str], csv_path: str | Path,
+                          png_path: str | Path | None = None) -> None:
+    """Write the matrix as CSV (header = predicted class) and, optionally, as a PNG heat map."""
+    Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["true\\pred", *classes])
+        for name, row in zip(classes, cm.tolist()):
+            writer.writerow([name, *row])
+    if png_path is None:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    side = min(20.0, 2.0 + 0.35 * k)
+    fig, ax = plt.subplots(figsize=(side, side))
+    rows = cm.float() / cm.sum(dim=1, keepdim=True).clamp(min=1)
+    ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if k <= 60:  # beyond that the tick labels are unreadable anyway
+        ax.set_xticks(range(k), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(k), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (row-normalised)")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def _gather(local: list[torch.Tensor]) -> list[torch.Tensor]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, [t.cpu() for t in local])
+    return [torch.cat([p[i] for p in parts]) for i in range(len(local))]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], amp_dtype: torch.dtype | None = None,
+             chunk: int = 16, progress: Any = None) -> EvalOutput:
+    """Score every batch of ``loader`` ({"video", "label", "index"}) and gather all ranks' per-sample scores.
+
+    Under DDP each rank scores its shard; the scores are gathered and de-duplicated by dataset index (the
+    distributed sampler pads the last shard with repeats), so every rank returns the full, ordered result.
+    """
+    was_training = model.training
+    model.eval()
+    probs, labels, indices = [], [], []
+    for batch in loader:
+        if batch is None or "video" not in batch:  # every clip of the batch was skipped as unreadable
+            continue
+        probs.append(aggregate_views(run_views(model, batch["video"], chunk, amp_dtype)).cpu())
+        labels.append(torch.as_tensor(batch["label"]).cpu())
+        indices.append(torch.as_tensor(batch["index"]).cpu())
+        if progress is not None:
+            progress.update(1)
+    model.train(was_training)
+    k = _num_classes(model)
+    local = [torch.cat(probs) if probs else torch.zeros(0, k),
+             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+             torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)]
+    p, y, i = _gather(local)
+    i, first = _unique_first(i)
+    return EvalOutput(p[first], y[first], i)
+
+
+def _unique_first(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    uniq, inverse = torch.unique(indices, sorted=True, return_inverse=True)
+    first = torch.full((len(uniq),), len(indices), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(len(indices)), reduce="amin")
+    return uniq, first
+
+
+def _num_classes(model: nn.Module) -> int:
+    from pks4.engine.checkpoint import unwrap
+
+    module = unwrap(model)
+    return int(getattr(module, "num_classes", 0))
+
+
+def topk_labels(probs: torch.Tensor, classes: Sequence[str], k: int) -> list[list[dict[str, Any]]]:
+    """Per row, the ``k`` best ``{"label", "index", "score"}`` entries."""
+    k = min(k, probs.shape[1])
+    scores, idx = probs.topk(k, dim=1)
+    return [[{"label": classes[j], "index": int(j), "score": round(float(s), 6)} for s, j in zip(srow, irow)]
+            for srow, irow in zip(scores.tolist(), idx.tolist())]
+
+
+@torch.no_grad()
+def predict_videos(model: nn.Module, paths: Sequence[str | Path], classes: Sequence[str], views: str,
+                   size: int, data_cfg: Any, topk: int = 5, amp_dtype: torch.dtype | None = None
+                   ) -> list[dict[str, Any]]:
+    """Multi-view prediction for video files: one ``{"path", "topk": [{label, score}, ...]}`` per video."""
+    from pks4.data.datasets import load_video_views
+    from pks4.data.sampling import parse_views
+
+    spec = parse_views(views)
+    model.eval()
+    results = []
+    for path in paths:
+        clip = load_video_views(path, spec.frames, size, spec, data_cfg)  # (V, T, 3, H, W)
+        probs = aggregate_views(run_views(model, clip.unsqueeze(0), amp_dtype=amp_dtype))
+        results.append({"path": str(path), "topk": topk_labels(probs, classes, topk)[0]})
+    return results
+
+
+def _device(pref: str) -> torch.device:
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(pref)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_list: str | None = None, data_root: str | None = None,
+                        views: str | None = None, batch_size: int | None = None, out_dir: str | Path | None = None,
+                        device: str = "auto", num_workers: int = 2) -> dict[str, Any]:
+    """Multi-view evaluation of a checkpoint (or run dir) on its validation list or ``data_list``.
+
+    Returns ``{"top1", "top5", "mean_class", "views", "samples"}`` (accuracies in percent); with ``out_dir``
+    also writes ``confusion_matrix.csv`` / ``.png`` there.
+    """
+    from dataclasses import replace
+
+    from torch.utils.data import DataLoader
+
+    from pks4.data.datasets import build_dataset, collate_skip_bad
+    from pks4.data.sampling import parse_views
+    from pks4.engine.checkpoint import load_model_from_checkpoint
+
+    model, cfg, classes = load_model_from_checkpoint(checkpoint, map_location=_device(device))
+    data_cfg = replace(cfg.data, val=data_list or cfg.data.val, root=data_root if data_root is not None else
+                       (cfg.data.root if not data_list else ""))
+    spec = parse_views(views or cfg.eval.views)
+    dataset = build_dataset(data_cfg, "val", train=False, views=spec)
+    if len(dataset.classes) > len(classes):
+        raise ValueError(f"{data_cfg.val}: {len(dataset.classes)} classes but the checkpoint has {len(classes)}")
+    loader = DataLoader(dataset, batch_size=batch_size or cfg.eval.batch_size, num_workers=num_workers,
+                        collate_fn=collate_skip_bad)
+    out = evaluate(model, loader)
+    metrics = compute_metrics(out.probs, out.labels, len(classes))
+    if out_dir is not None:
+        cm = confusion_matrix(out.probs.argmax(1), out.labels, len(classes))
+        save_confusion_matrix(cm, classes, Path(out_dir) / "confusion_matrix.csv",
+                              Path(out_dir) / "confusion_matrix.png")
+    return {**metrics, "views": str(spec), "samples": int(len(out.labels))}
+
+
+def predict_checkpoint(checkpoint: str | Path, videos: Sequence[str | Path], views: str | None = None,
+                       topk: int = 5, device: str = "auto") -> list[dict[str, Any]]:
+    """:func:`predict_videos` with the model, class names and data settings of a checkpoint (or run dir)."""
+    from pks4.engine.checkpoint import load_model_from_checkpoint
+
+    model, cfg, classes = load_model_from_checkpoint(checkpoint, map_location=_device(device))
+    return predict_videos(model, videos, classes, views or cfg.eval.views, cfg.data.size, cfg.data, topk)

@@ -1,0 +1,84 @@
+"""`pks4` end to end on tiny real mp4 files: train (Ctrl-C, resume) -> eval --json -> predict --json, and tools."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pks4.cli import main
+from pks4.data.synth import generate_synth
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return generate_synth(tmp_path_factory.mktemp("synth"), seed=2, num_train_per_class=2, num_val_per_class=1,
+                          num_frames=8, size=32)
+
+
+def _train_args(data, out, epochs):
+    return ["train", "--model", "pks4_vit_tiny", "--train-list", str(data.train), "--val-list", str(data.val),
+            "--data-root", str(data.root), "--labels", str(data.labels), "--num-classes", "10", "--frames", "4",
+            "--size", "32", "--epochs", str(epochs), "--batch-size", "4", "--out", str(out), "--workers", "0",
+            "--set", "data.short_side=32", "--set", "train.log_every=1", "--set", "train.progress=false",
+            "--set", "train.tensorboard=false", "--set", "eval.views=4x1x3", "--set", "eval.batch_size=10"]
+
+
+def test_train_interrupt_resume_eval_predict(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pks4.cli", *_train_args(data, run, 50)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, deadline = run / "metrics.jsonl", time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, out
+    assert "interrupted at step" in out and "received SIGINT" in out
+    assert main(_train_args(data, run, 1) + ["--resume", "auto"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "finished: 5 steps" in printed
+
+    assert main(["eval", "--checkpoint", str(run), "--json", "--workers", "0"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report) >= {"top1", "top5", "mean_class", "views"} and report["views"] == "4x1x3"
+    assert report["samples"] == 10 and 0 <= report["top1"] <= report["top5"] <= 100
+
+    videos = sorted(str(p) for p in (data.root / "val").rglob("*.mp4"))[:2]
+    assert main(["predict", *videos, "--checkpoint", str(run), "--topk", "3", "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [x["path"] for x in lines] == videos
+    classes = data.labels.read_text().split()
+    for item in lines:
+        assert len(item["topk"]) == 3 and {t["label"] for t in item["topk"]} <= set(classes)
+        scores = [t["score"] for t in item["topk"]]
+        assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 1e-6
+
+
+def test_data_check_and_models(data, tmp_path, capsys):
+    assert main(["data", "check", str(data.val)]) == 0
+    assert "10 videos" in capsys.readouterr().out
+    broken = tmp_path / "list.txt"
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    broken.write_text("zero.mp4 0\n")
+    assert main(["data", "check", str(broken)]) != 0
+    assert "zero.mp4" in capsys.readouterr().out
+    assert main(["models"]) == 0
+    table = capsys.readouterr().out
+    assert "pks4_vit_tiny" in table and "pks4_vit_b16" in table and "91.6" in table
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--set", "train.epoch=1"], ["train.epoch", "valid keys"]),
+    (["eval", "--checkpoint", "/nonexistent/run"], ["/nonexistent/run", "no such"]),
+    (["predict", "missing.mp4", "--checkpoint", "/nonexistent"], ["/nonexistent"]),
+])
+def test_bad_input_is_one_clear_line(argv, words, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pks4: error:") and len(err.splitlines()) == 1 and "Traceback" not in err
+    for word in words:
+        assert word in err
