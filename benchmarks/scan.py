@@ -1,0 +1,207 @@
+"""Selective-scan speed and memory on the CPU, against the exp floor, in the two regimes pks4 meets.
+
+(a) PKS4: 1568 sequences (8 frames x 196 patches of a ViT-B/16 clip), d_inner 1536, L = 8 / 16 / 32.
+(b) VideoMamba: batch 2, d_inner 768, L = 1569 / 3137 (8 / 16 frames x 196 patches + CLS).
+
+The floor is one exp per (row, channel, step, state): ``torch.exp`` over a float32 tensor of that many elements.
+The reference and the lean loop store every step's state for autograd, so they run on a cut-down problem (fewer
+sequences in (a), a shorter L in (b)) and their time is scaled linearly to the full size; the table says so.
+Peak extra memory: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) above its
+resident set before the call, with glibc told to return large blocks to the system at once (mallopt), divided
+by the bytes of the inputs. Run: ``.venv/bin/python benchmarks/scan.py`` (``--quick`` for a smoke run).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pks4.ssm.scan import available_backends, selective_scan
+
+D_STATE = 16
+
+
+@dataclass
+class Case:
+    regime: str
+    batch: int
+    dim: int
+    L: int
+
+
+def make_inputs(batch: int, dim: int, L: int, grad: bool) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(batch, dim, L, generator=g), 0.5 * torch.randn(batch, dim, L, generator=g),
+          -torch.rand(dim, D_STATE, generator=g) - 0.1, torch.randn(batch, D_STATE, L, generator=g),
+          torch.randn(batch, D_STATE, L, generator=g), torch.randn(dim, generator=g),
+          torch.randn(batch, dim, L, generator=g), 0.3 * torch.randn(dim, generator=g)]
+    return [x.requires_grad_(grad) for x in xs]
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD fixed at 1 MiB: freed tensors leave the resident set
+        return libc
+    except OSError:
+        return None
+
+
+LIBC = _libc()
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_extra_mib(fn) -> float:
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return float("nan")
+    base = _rss_kib("VmRSS")
+    fn()
+    return (_rss_kib("VmHWM") - base) / 1024
+
+
+def best_ms(fn, repeats: int) -> float:
+    fn()  # warm-up: first-use compilation, allocator
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times) * 1e3
+
+
+def exp_floor_ms(case: Case, repeats: int, max_batch: int) -> float:
+    batch = min(case.batch, max_batch)
+    x = -torch.rand(batch * case.dim * case.L * D_STATE)
+    y = torch.empty_like(x)
+    return best_ms(lambda: torch.exp(x, out=y), repeats) * case.batch / batch
+
+
+def path_fns(backend: str, case: Case, batch: int, L: int):
+    xs = make_inputs(batch, case.dim, L, grad=True)
+
+    def fwd():
+        with torch.no_grad():
+            selective_scan(*xs, backend=backend)
+
+    def fwd_bwd():
+        out = selective_scan(*xs, backend=backend)
+        torch.autograd.grad(out, xs, torch.ones_like(out))
+
+    in_mib = sum(x.numel() * x.element_size() for x in xs) / 2**20
+    return fwd, fwd_bwd, in_mib
+
+
+@dataclass
+class Row:
+    case: Case
+    path: str
+    note: str
+    fwd_ms: float
+    fwd_bwd_ms: float
+    mem_fwd: float  # peak extra memory / input bytes
+    mem_fwd_bwd: float
+
+
+def measure(backend: str, case: Case, cut: tuple[int, int] | None, repeats: int) -> Row:
+    """Time one path; ``cut`` = (batch, L) of a smaller run whose time is scaled to the full case."""
+    batch, L = cut or (case.batch, case.L)
+    scale = case.batch * case.L / (batch * L)
+    fwd, fwd_bwd, in_mib = path_fns(backend, case, batch, L)
+    mem_f = peak_extra_mib(fwd) / in_mib  # doubles as the warm-up
+    t_f = best_ms(fwd, repeats) * scale
+    mem_fb = peak_extra_mib(fwd_bwd) / in_mib
+    t_fb = best_ms(fwd_bwd, repeats) * scale
+    note = "" if cut is None else f"run at batch {batch}, L {L}; time x{scale:g}"
+    return Row(case, backend, note, t_f, t_fb, mem_f, mem_fb)
+
+
+def plan(quick: bool) -> list[Case]:
+    if quick:
+        return [Case("PKS4", 98, 1536, 16), Case("VideoMamba", 2, 768, 393)]
+    return [Case("PKS4", 1568, 1536, L) for L in (8, 16, 32)] + \
+           [Case("VideoMamba", 2, 768, L) for L in (1569, 3137)]
+
+
+def cut_for(backend: str, case: Case, quick: bool) -> tuple[int, int] | None:
+    if backend in ("native",):
+        return None
+    if case.regime == "PKS4":
+        return (min(case.batch, 24), case.L)
+    return (case.batch, min(case.L, 98 if quick else 196))
+
+
+def run_case(case: Case, backends: list[str], quick: bool) -> tuple[float, list[Row]]:
+    floor = exp_floor_ms(case, 2 if quick else 3, max_batch=196)
+    rows = []
+    for backend in backends:
+        if backend == "compile" and (quick or case.regime != "PKS4" or case.L != 16):
+            continue  # each new shape recompiles for a minute or more: measured on one case only
+        repeats = 3 if backend == "native" else 1
+        rows.append(measure(backend, case, cut_for(backend, case, quick), repeats))
+        print(f"  {case.regime} L={case.L} {backend}: fwd {rows[-1].fwd_ms:.0f} ms, "
+              f"fwd+bwd {rows[-1].fwd_bwd_ms:.0f} ms", flush=True)
+    return floor, rows
+
+
+def table(results: list[tuple[float, list[Row]]]) -> str:
+    head = ("| regime | L | path | exp floor ms | fwd ms | fwd / floor | fwd speed-up vs ref | fwd+bwd ms "
+            "| fwd+bwd / floor | fwd+bwd speed-up vs ref | peak extra mem fwd / fwd+bwd (x inputs) | note |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for floor, rows in results:
+        ref = next((r for r in rows if r.path == "ref"), None)
+        for r in rows:
+            c = r.case
+            sf = f"{ref.fwd_ms / r.fwd_ms:.1f}x" if ref else "-"
+            sfb = f"{ref.fwd_bwd_ms / r.fwd_bwd_ms:.1f}x" if ref else "-"
+            lines.append(f"| {c.regime} (batch {c.batch}, d_inner {c.dim}) | {c.L} | {r.path} | {floor:.0f} "
+                         f"| {r.fwd_ms:.0f} | {r.fwd_ms / floor:.2f} | {sf} | {r.fwd_bwd_ms:.0f} "
+                         f"| {r.fwd_bwd_ms / floor:.2f} | {sfb} | {r.mem_fwd:.2f} / {r.mem_fwd_bwd:.2f} "
+                         f"| {r.note} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
+    return (f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), torch {torch.__version__} "
+            f"with {torch.get_num_threads()} threads, Python {platform.python_version()}, "
+            f"load average at the end {' '.join(load)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, a smoke run of every path")
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("scan.md"))
+    args = ap.parse_args()
+    backends = ["ref", "loop", "native", "compile"]
+    backends = [b for b in backends if b in available_backends()]
+    start = time.perf_counter()
+    results = [run_case(case, backends, args.quick) for case in plan(args.quick)]
+    text = table(results)
+    print(text)
+    cmd = ".venv/bin/python benchmarks/scan.py" + (" --quick" if args.quick else "")
+    doc = (f"# Selective scan on the CPU\n\n{__doc__.split(chr(10), 1)[1].strip()}\n\nMachine: {machine()}.\n"
+           f"Command: `{cmd}` ({time.perf_counter() - start:.0f} s). Times are the best of the repeats (1 for "
+           f"ref/loop/compile, 3 for native), wall clock.\n\n{text}\n")
+    if not args.quick:
+        args.out.write_text(doc)
+    print(f"Command: {cmd}; wrote {args.out}" if not args.quick else f"Command: {cmd} (smoke run, nothing written)")
+
+
+if __name__ == "__main__":
+    main()
