@@ -48,7 +48,7 @@ from pks4.engine.infer import compute_metrics, confusion_matrix, evaluate, save_
 from pks4.engine.optim import CosineWarmup, build_optimizer, scaled_lr
 
 __all__ = ["TrainingError", "DistInfo", "TrainResult", "setup_distributed", "seed_everything", "amp_dtype_for",
-           "build_model", "Trainer", "train", "plot_curves"]
+           "build_model", "Trainer", "train", "plot_curves", "item_seed", "raise_load_errors"]
 
 Log = Callable[[str], None]
 
@@ -192,6 +192,9 @@ def build_datasets(cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
     from pks4.data.datasets import build_dataset
     from pks4.data.sampling import parse_views
 
+    for key in ("num_frames", "size"):  # fail before any video is opened, naming the key
+        if getattr(cfg.data, key) < 1:
+            raise TrainingError(f"data.{key}={getattr(cfg.data, key)}: expected an integer >= 1")
     train_set = build_dataset(cfg.data, "train", train=True)
     val_set = None
     if cfg.data.val:
@@ -274,10 +277,10 @@ class _DeferSigchld:
     gets it when the next batch is fetched, where the error is caught and the batch retried.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, workers: bool) -> None:
         self.saved: Any = None
         self.pending: tuple[int, Any] | None = None
-        self.active = threading.current_thread() is threading.main_thread()
+        self.active = workers and threading.current_thread() is threading.main_thread()
 
     def computing(self) -> None:
         if self.active:
@@ -526,7 +529,7 @@ class Trainer:
         are reported as skipped (``data.skip_bad_videos``) or named in a TrainingError. Either way the loader
         restarts after it, with the same data order.
         """
-        t, guard, end = self.cfg.train, _DeferSigchld(), object()
+        t, guard, end = self.cfg.train, _DeferSigchld(self.cfg.train.num_workers > 0), object()
         while True:
             self.train_sampler.set_epoch(epoch, self.batch_in_epoch * t.batch_size)
             loader = self._loader(self.train_set, self.train_sampler, t.batch_size, self.drop_last, epoch)
@@ -692,6 +695,23 @@ class Trainer:
             dist.barrier()
         return path
 
+    @staticmethod
+    def _resume_dir(path: Path) -> Path:
+        """A checkpoint directory (or a file inside one), or a run directory (-> its latest valid one)."""
+        if path.is_file() and path.name in (ckpt.STATE_FILE, ckpt.WEIGHTS_FILE):
+            return path.parent
+        if (path / ckpt.STATE_FILE).is_file():
+            return path
+        if (path / "checkpoints").is_dir():
+            latest = ckpt.find_latest(path)
+            if latest is None:
+                raise ckpt.CheckpointError(f"{path}: run directory has no valid checkpoint to resume from")
+            return latest
+        what = "no such file or directory" if not path.exists() else "not a checkpoint directory"
+        raise ckpt.CheckpointError(f"{path}: {what}; --resume takes 'auto', a checkpoint directory (holding "
+                                   f"{ckpt.WEIGHTS_FILE} and {ckpt.STATE_FILE}) or a run directory; to start "
+                                   "from a weights file set model.init_from instead")
+
     def _resume(self, resume: str) -> None:
         if resume == "auto":
             if self.dist.is_main:  # half-written folders of a killed save
@@ -703,8 +723,7 @@ class Trainer:
                 self.log(f"--resume auto: no checkpoint in {self.run_dir}, starting from scratch")
                 return
         else:
-            path = Path(resume)
-            path = path if (path / ckpt.STATE_FILE).is_file() else ckpt.resolve_checkpoint(path).parent
+            path = self._resume_dir(Path(resume))
         state = ckpt.verify_checkpoint(path)
         tensors, _ = ckpt.read_weights(path / ckpt.WEIGHTS_FILE)
         ckpt.load_weights_into(self.raw_model, tensors, str(path / ckpt.WEIGHTS_FILE))
