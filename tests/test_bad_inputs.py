@@ -155,7 +155,7 @@ CASES = [
     Case("non-integer label", lambda t, d, r: _train(d, t, "--set", f"data.train={_list(t, f'{_good(d)} 1.5')}"),
          2, ("line 1", "'1.5' is not an integer"), "error names the list and line"),
     Case("duplicate entries", _check(lambda t, d: _list(t, f"{_good(d)} 0\n{_good(d)} 0\n")), 0,
-         ("2 videos", "1 duplicate "), "kept (oversampling is legitimate), but reported by data check"),
+         ("2 videos", "1 duplicate ", "line 2"), "kept (oversampling is legitimate), but reported by data check"),
     Case("empty list", lambda t, d, r: _train(d, t, "--set", f"data.train={_list(t, '')}"), 2,
          ("list.txt", "no samples"), "error: no samples found (empty list)"),
     Case("CSV with the wrong delimiter", _check(lambda t, d: _list(t, f"{_good(d)};0\n")), 1,
@@ -210,10 +210,7 @@ def _cut_ckpt(tmp: Path, run: Path) -> Path:
 
 
 # Known gaps in the data pipeline, kept visible until fixed there.
-XFAIL = {
-    "duplicate entries": "data check counts a listed video twice without saying so (src/pks4/data/datasets.py "
-                         "check_dataset should report 'N duplicate entries', with their line numbers)",
-}
+XFAIL: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=XFAIL[c.name]))

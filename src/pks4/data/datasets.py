@@ -404,6 +404,18 @@ def _missing(samples: Sequence[Sample], lines: Sequence[str]) -> list[str]:
     return [f"{where}: {s.path}" for s, where in zip(samples, lines) if not os.path.exists(s.path)]
 
 
+def _duplicates(samples: Sequence[Sample], lines: Sequence[str]) -> list[str]:
+    """Entries listing a video already listed earlier (kept: oversampling is legitimate, but worth a look)."""
+    first: dict[str, str] = {}
+    out = []
+    for s, where in zip(samples, lines):
+        if s.path in first:
+            out.append(f"{where}: {s.path} (first at {first[s.path]})")
+        else:
+            first[s.path] = where
+    return out
+
+
 def build_dataset(cfg: DataConfig, split: str, *, train: bool, views: ViewSpec | None = None) -> "VideoDataset":
     """Parse the ``split`` ("train" | "val") annotations of ``cfg`` and return a VideoDataset.
 
@@ -569,6 +581,7 @@ class CheckReport:
     frame_counts: list[int] = field(default_factory=list)
     short: int = 0  # videos with fewer frames than a clip (frames will repeat)
     skip_bad_videos: bool = False
+    duplicates: list[str] = field(default_factory=list)  # repeated entries (reported, not an error)
 
     @property
     def num_samples(self) -> int:
@@ -593,6 +606,8 @@ class CheckReport:
             f = sorted(self.frame_counts)
             out.append(f"  frames: min {f[0]}, median {f[len(f) // 2]}, max {f[-1]}"
                        + (f"; {self.short} shorter than a clip (frames repeat)" if self.short else ""))
+        if self.duplicates:
+            out.append(f"  {len(self.duplicates)} duplicate entries (kept): " + "; ".join(self.duplicates[:5]))
         for title, items in (("annotation errors", self.errors), ("missing files", self.missing),
                              ("unreadable videos", [f"{p}: {r}" for p, r in self.unreadable])):
             if items:
@@ -619,7 +634,8 @@ def check_dataset(path_or_dir: str | os.PathLike, cfg: DataConfig, *, max_videos
         classes = [str(i) for i in range(max((s.label for s in parsed.samples), default=-1) + 1)]
     _check_labels(parsed, classes)
     report = CheckReport(str(source), parsed.format, classes, {c: 0 for c in classes}, errors=list(parsed.errors),
-                         missing=_missing(parsed.samples, parsed.lines), skip_bad_videos=cfg.skip_bad_videos)
+                         missing=_missing(parsed.samples, parsed.lines), skip_bad_videos=cfg.skip_bad_videos,
+                         duplicates=_duplicates(parsed.samples, parsed.lines))
     gone = {m.split(": ", 1)[1] for m in report.missing}
     for s in parsed.samples:
         if s.label < len(classes):
