@@ -2,7 +2,8 @@
 
     pks4 train CONFIG.yaml [--set key=value ...] [--out DIR] [--resume auto|PATH]
     pks4 train --model NAME --train-list FILE --val-list FILE --data-root DIR --num-classes K --frames T ...
-    pks4 eval --checkpoint CKPT_OR_RUNDIR [--data LIST] [--views 8x2x3] [--json]
+    pks4 pretrain CONFIG.yaml [--teacher CLIP_WEIGHTS] [--set key=value ...] [--out DIR] [--resume auto|PATH]
+    pks4 eval --checkpoint CKPT_OR_RUNDIR [--data LIST] [--views 8x2x3] [--frame-order ORDER] [--json]
     pks4 predict VIDEO... --checkpoint CKPT_OR_RUNDIR [--topk 5] [--json]
     pks4 data check LIST_OR_DIR | pks4 data synth OUT_DIR [--seed N]
     pks4 models | pks4 demo [--out DIR]
@@ -53,13 +54,26 @@ def _eval_cmd(args: argparse.Namespace) -> int:
 
     report = evaluate_checkpoint(args.checkpoint, data_list=args.data, data_root=args.data_root,
                                  views=args.views, batch_size=args.batch_size, out_dir=args.out,
-                                 device=args.device, num_workers=args.workers)
+                                 device=args.device, num_workers=args.workers, frame_order=args.frame_order)
     if args.json:
         print(json.dumps(report))
     else:
         print(f"top-1 {report['top1']:.2f}  top-5 {report['top5']:.2f}  mean-class {report['mean_class']:.2f}"
-              f"  views {report['views']}  ({report['samples']} videos)")
+              f"  views {report['views']}  frame order {report['frame_order']}  ({report['samples']} videos)")
     return 0
+
+
+def _pretrain_cmd(args: argparse.Namespace) -> int:
+    from pks4.engine.pretrain import load_pretrain_config, pretrain
+
+    sets = [f"out={args.out}"] if args.out else []
+    if args.teacher:
+        sets.append(f"teacher.path={args.teacher}")
+    cfg = load_pretrain_config(args.config, sets + list(args.set or []))
+    result = pretrain(cfg, resume=args.resume)
+    loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
+    print(f"{result.status}: {result.global_step} steps, last loss {loss}; run dir {result.run_dir}")
+    return result.exit_code
 
 
 def _predict_cmd(args: argparse.Namespace) -> int:
@@ -130,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pks4", description="Efficient video understanding with PKS4 and SSMs.")
     sub = p.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_pretrain(sub)
     ev = sub.add_parser("eval", help="multi-view evaluation of a checkpoint or run directory")
     ev.add_argument("--checkpoint", required=True, help="checkpoint file/dir or run dir (uses its best)")
     ev.add_argument("--data", help="list file to evaluate (default: the run's validation list)")
@@ -137,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--views", help="FRAMESxCLIPSxCROPS (default: the run's eval.views)")
     ev.add_argument("--batch-size", type=int, default=None)
     ev.add_argument("--out", help="write confusion_matrix.csv/.png here")
+    ev.add_argument("--frame-order", help="reorder each view's frames (Park et al. Table 1): sequential | "
+                    "blockwise | pairwise | interleaved")
     _add_common(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_eval_cmd)
@@ -163,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="demo preset YAML (default: the packaged demo.yaml)")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset key")
     demo.set_defaults(func=_demo_cmd)
+    from pks4.engine.profile import add_profile_parser  # noqa: PLC0415 (keeps `pks4 --help` import-light)
+
+    add_profile_parser(sub)
     return p
 
 
@@ -182,6 +202,17 @@ def _add_train(sub: Any) -> None:
     for flag, (key, typ) in _TRAIN_FLAGS.items():
         tr.add_argument("--" + flag.replace("_", "-"), type=typ, default=None, help=f"= --set {key}=...")
     tr.set_defaults(func=_train_cmd)
+
+
+def _add_pretrain(sub: Any) -> None:
+    pt = sub.add_parser("pretrain", help="masked-alignment pretraining of a VideoMamba against a frozen CLIP")
+    pt.add_argument("config", nargs="?", help="YAML recipe (e.g. configs/videomamba_middle_pretrain_k400.yaml)")
+    pt.add_argument("--teacher", help="CLIP vision weights (OpenAI, open_clip or Hugging Face); without it the "
+                    "teacher is randomly initialised (pipeline tests only)")
+    pt.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    pt.add_argument("--out", help="run directory (config key `out`)")
+    pt.add_argument("--resume", help="'auto' (latest valid checkpoint in --out) or a checkpoint path")
+    pt.set_defaults(func=_pretrain_cmd)
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
