@@ -301,6 +301,10 @@ class VideoMamba(nn.Module):
                 layer.mixer.out_proj.weight /= math.sqrt(self.config.depth)
         if isinstance(getattr(self, "pos_embed", None), nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.config.pos_embed != "separable":
+            # Without a CLS position embedding a zero CLS stays zero: its own gate z = in_proj(0) = 0 closes
+            # the mixer output at that position in every block, so the head would read a constant.
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def _load_pretrained(self, path: str) -> None:
         from pks4.weights_videomamba import load_videomamba_checkpoint  # weights reads files; models stay light
