@@ -1,0 +1,465 @@
+"""StretchySnake: spatio-temporally flexible training and any-size inference (its section 4.2).
+
+One set of weights is trained on clips whose frame count T, frame size H and patch size p change from batch to
+batch. Three things are "flexed" on the fly, differentiably, through :mod:`pks4.layers.posembed` (so the stored
+weights train through the resize):
+
+* the patch-embedding kernel w (Eq. 4): bicubic resize (the paper) or FlexiViT's pseudo-inverse resize;
+* the spatial position embedding p_s (Eq. 5): bicubic, done by the models themselves for any token grid;
+* the temporal position embedding p_t (Eq. 6): linear, done by the models themselves for any T.
+
+The five modes of §4.2 differ only in how (T, H, p) are drawn; see :func:`sample_shape`. "static_tokens" (the
+paper's best, StretchySnake proper) flexes p with H so that every frame keeps the native token grid.
+
+Pieces, in the order the data flows:
+
+* :class:`FlexConfig` and :func:`sample_shape`: what a batch looks like (:class:`FlexShape`);
+* :class:`FlexBatchSampler`: one shape per batch, batch size scaled so tokens per batch stay bounded;
+* :class:`FlexDataset` + :func:`flex_collate`: items loaded at the batch's (T, H);
+* :func:`flex_patch` / :func:`set_patch_size`: the model embeds with the batch's patch size and token grid;
+* :func:`inference_shape`: the shape to evaluate a checkpoint at any (T, H) with.
+
+The patch hook changes no model file and no parameter name: it shadows a few bound methods on the model
+instance (``conv1.forward`` and ``grid_size`` of a CLIP tower; ``embed`` of VideoMamba) and removes them on
+exit, so checkpoints, ``state_dict`` and DDP see the same module tree.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset, Sampler, default_collate
+
+from pks4.layers.posembed import resize_patch_kernel
+
+__all__ = [
+    "FLEX_MODES", "PATCH_POLICIES", "FlexConfig", "FlexShape", "FlexKey", "native_geometry", "resolve_flex_config",
+    "static_token_patch", "sample_shape", "tokens_per_clip", "batch_size_for", "FlexBatchSampler",
+    "FlexDataset", "resized_video_dataset", "flex_collate", "flex_patch", "set_patch_size", "inference_shape",
+    "fit_to_grid",
+]
+
+FLEX_MODES = ("none", "temporal", "static_patch", "static_tokens", "flexivit", "flex_all")
+PATCH_POLICIES = ("native", "static_tokens")
+
+
+# ---- configuration and shape sampling (§4.2) -----------------------------------------------------------------
+@dataclass
+class FlexConfig:
+    """How batches are flexed. Defaults are the paper's (§4.2 and §5.1) for a 16-frame, 224 px, p = 16 model."""
+
+    mode: str = "static_tokens"  # one of FLEX_MODES; "none" = every batch at (base_frames, base_size)
+    frames: tuple[int, ...] = (8, 16, 32, 64)  # R^t
+    sizes: tuple[int, ...] = (96, 128, 224, 384)  # R^s
+    flexivit_size: int = 240  # FlexiViT keeps H = W = 240 ...
+    flexivit_patches: tuple[int, ...] = (8, 10, 12, 15, 16, 20, 24, 30, 40, 48)  # ... and samples p from these
+    flex_all_patches: tuple[int, int] = (12, 48)  # flex-all: p in this range, preferring divisors of H
+    base_frames: int = 16  # T0: the reference clip length (the static model's), for batch scaling
+    base_size: int = 224  # H0: the size the model's position embedding is stored for
+    base_patch: int = 16  # p0: the model's stored patch size; base_size // base_patch is the native grid
+    kernel_resize: str = "bicubic"  # "bicubic" (the paper) | "pi" (FlexiViT's pseudo-inverse resize)
+    scale_batch: bool = True  # batch ~ base_batch * tokens(T0, H0, p0) / tokens(T, H, p)
+    max_batch: int | None = None  # upper bound on a scaled batch (None = base_batch * 8)
+    tubelet: int = 1  # frames per token (Park's VideoMamba: 2); T is kept a multiple of it
+
+    def __post_init__(self) -> None:
+        self.frames, self.sizes = tuple(int(t) for t in self.frames), tuple(int(s) for s in self.sizes)
+        self.flexivit_patches = tuple(int(p) for p in self.flexivit_patches)
+        self.flex_all_patches = tuple(int(p) for p in self.flex_all_patches)
+        if self.mode not in FLEX_MODES:
+            raise ValueError(f"FlexConfig.mode={self.mode!r}; expected one of {FLEX_MODES}")
+        if self.kernel_resize not in ("bicubic", "pi"):
+            raise ValueError(f"FlexConfig.kernel_resize={self.kernel_resize!r}; expected 'bicubic' or 'pi'")
+        if not self.frames or not self.sizes or min(self.frames + self.sizes) < 1:
+            raise ValueError(f"FlexConfig needs non-empty positive frames/sizes, got {self.frames}, {self.sizes}")
+        bad_t = [t for t in self.frames if t % self.tubelet]
+        if bad_t:
+            raise ValueError(f"FlexConfig.frames {bad_t} are not multiples of the tubelet {self.tubelet}")
+        if self.base_size % self.base_patch:
+            raise ValueError(f"FlexConfig.base_size {self.base_size} is not a multiple of base_patch {self.base_patch}")
+        lo, hi = self.flex_all_patches
+        if not 1 <= lo <= hi:
+            raise ValueError(f"FlexConfig.flex_all_patches must be (lo, hi) with 1 <= lo <= hi, got {(lo, hi)}")
+
+    @property
+    def native_grid(self) -> int:
+        return self.base_size // self.base_patch
+
+
+class FlexShape(NamedTuple):
+    """What every clip of one batch looks like: T frames of size x size pixels, cut into a grid x grid token
+    grid of patch x patch pixels (the frame is centre-cropped or edge-padded to grid * patch, see
+    :func:`fit_to_grid`)."""
+
+    frames: int
+    size: int
+    patch: int
+    grid: int
+
+
+class FlexKey(NamedTuple):
+    """One dataset item at one shape: what :class:`FlexBatchSampler` yields and :class:`FlexDataset` reads."""
+
+    index: int
+    shape: FlexShape
+
+
+def static_token_patch(size: int, native_grid: int) -> FlexShape:
+    """Patch size keeping the native token grid at ``size`` px (static tokens, §4.2 example 3).
+
+    The paper takes p = floor(H / L) and lets the convolution drop the remainder, which changes the grid when
+    H / L is far from an integer (96 / 14 -> p = 6, 16 tokens); rounding p and fitting the frame to L * p
+    (at most p / 2 pixels cropped or padded per side) keeps exactly L tokens.
+    """
+    patch = max(1, int(round(size / native_grid)))
+    return FlexShape(0, size, patch, native_grid)
+
+
+def _patch_shape(size: int, patch: int) -> tuple[int, int]:
+    if patch > size:
+        raise ValueError(f"patch size {patch} is larger than the frame size {size}")
+    return patch, size // patch
+
+
+def sample_shape(cfg: FlexConfig, rng: np.random.Generator) -> FlexShape:
+    """Draw one batch shape for ``cfg.mode`` (§4.2): uniform over R^t, R^s and the mode's patch set."""
+    t = int(rng.choice(cfg.frames)) if cfg.mode != "none" else cfg.base_frames
+    if cfg.mode in ("none", "temporal"):
+        return FlexShape(t, cfg.base_size, cfg.base_patch, cfg.native_grid)
+    if cfg.mode == "flexivit":
+        p, g = _patch_shape(cfg.flexivit_size, int(rng.choice(cfg.flexivit_patches)))
+        return FlexShape(t, cfg.flexivit_size, p, g)
+    size = int(rng.choice(cfg.sizes))
+    if cfg.mode == "static_patch":
+        return FlexShape(t, size, *_patch_shape(size, cfg.base_patch))
+    if cfg.mode == "static_tokens":
+        return static_token_patch(size, cfg.native_grid)._replace(frames=t)
+    lo, hi = cfg.flex_all_patches  # flex_all: p divides H where it can (§4.2 example 5)
+    hi = min(hi, size)
+    candidates = [p for p in range(min(lo, hi), hi + 1) if size % p == 0] or list(range(min(lo, hi), hi + 1))
+    return FlexShape(t, size, *_patch_shape(size, int(rng.choice(candidates))))
+
+
+def tokens_per_clip(shape: FlexShape, tubelet: int = 1) -> int:
+    """Video tokens one clip of ``shape`` becomes: (T / tubelet) * grid^2 (CLS tokens are negligible)."""
+    return max(1, shape.frames // tubelet) * shape.grid**2
+
+
+def batch_size_for(shape: FlexShape, base_batch: int, cfg: FlexConfig) -> int:
+    """Clips per batch so tokens per batch stay near base_batch * tokens(T0, H0, p0), at least 1.
+
+    Activation memory of the token mixers is linear in the token count (quadratic attention inside a frame is
+    fixed by the grid), so bounding tokens bounds memory across shapes.
+    """
+    if not cfg.scale_batch:
+        return base_batch
+    ref = FlexShape(cfg.base_frames, cfg.base_size, cfg.base_patch, cfg.native_grid)
+    scaled = base_batch * tokens_per_clip(ref, cfg.tubelet) // tokens_per_clip(shape, cfg.tubelet)
+    cap = cfg.max_batch if cfg.max_batch is not None else 8 * base_batch
+    return int(min(max(1, scaled), cap))
+
+
+# ---- the model's native geometry ------------------------------------------------------------------------------
+def _clip_tower(model: nn.Module) -> nn.Module | None:
+    from pks4.models.clip_vit import CLIPVisionTransformer
+
+    if isinstance(model, CLIPVisionTransformer):
+        return model
+    tower = getattr(model, "backbone", None)
+    return tower if isinstance(tower, CLIPVisionTransformer) else None
+
+
+def _videomamba(model: nn.Module) -> nn.Module | None:
+    try:
+        from pks4.models.videomamba import VideoMamba
+    except ImportError:  # a build without VideoMamba
+        return None
+    return model if isinstance(model, VideoMamba) else None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def native_geometry(model: nn.Module) -> dict[str, int]:
+    """``{"patch", "size", "frames", "tubelet"}`` the model's weights are stored for."""
+    model = _unwrap(model)
+    tower, vm = _clip_tower(model), _videomamba(model)
+    if tower is not None:
+        frames = int(getattr(getattr(model, "config", None), "num_frames", 8))
+        return {"patch": tower.cfg.patch_size, "size": tower.cfg.image_size, "frames": frames, "tubelet": 1}
+    if vm is not None:
+        c = vm.config
+        return {"patch": c.patch_size, "size": c.image_size, "frames": c.num_frames, "tubelet": c.tubelet}
+    raise TypeError(f"flexible patch embedding does not know {type(model).__name__}: expected a CLIP-tower "
+                    f"model (attribute .backbone) or VideoMamba")
+
+
+def resolve_flex_config(cfg: FlexConfig, model: nn.Module, base_frames: int | None = None) -> FlexConfig:
+    """``cfg`` with base_patch / base_size / tubelet (and base_frames, if given) taken from ``model``."""
+    geo = native_geometry(model)
+    return dataclasses.replace(cfg, base_patch=geo["patch"], base_size=geo["size"], tubelet=geo["tubelet"],
+                               base_frames=base_frames if base_frames is not None else cfg.base_frames)
+
+
+# ---- batch sampler ---------------------------------------------------------------------------------------------
+class FlexBatchSampler(Sampler[list[FlexKey]]):
+    """Batches of :class:`FlexKey` sharing one shape, drawn per batch; deterministic in (seed, epoch).
+
+    Every rank of a DDP job builds the same plan (same permutation, same shapes) and takes its own slice of
+    each batch, so all ranks run the same number of steps on the same shape. ``set_epoch(epoch, start)`` also
+    skips the first ``start`` batches (resuming mid-epoch).
+    """
+
+    def __init__(self, dataset_len: int, base_batch: int, cfg: FlexConfig, seed: int = 0, *, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
+        if dataset_len < 1 or base_batch < 1:
+            raise ValueError(f"FlexBatchSampler needs dataset_len >= 1 and base_batch >= 1, "
+                             f"got {dataset_len}, {base_batch}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        self.n, self.base_batch, self.cfg, self.seed = dataset_len, base_batch, cfg, seed
+        self.shuffle, self.rank, self.world_size, self.drop_last = shuffle, rank, world_size, drop_last
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = int(epoch), int(start)
+
+    def plan(self) -> list[tuple[FlexShape, list[int]]]:
+        """This rank's batches of the current epoch: (shape, dataset indices)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        out, pos = [], 0
+        while pos < self.n:
+            shape = sample_shape(self.cfg, rng)
+            per_rank = batch_size_for(shape, self.base_batch, self.cfg)
+            chunk = order[pos:pos + per_rank * self.world_size].tolist()
+            pos += per_rank * self.world_size
+            if len(chunk) < per_rank * self.world_size:
+                if self.drop_last:
+                    break
+                per_rank = math.ceil(len(chunk) / self.world_size)
+                chunk += order[:per_rank * self.world_size - len(chunk)].tolist()  # wrap, as DistributedSampler
+            out.append((shape, chunk[self.rank * per_rank:(self.rank + 1) * per_rank]))
+        return out
+
+    def __iter__(self) -> Iterator[list[FlexKey]]:
+        for shape, indices in self.plan()[self.start:]:
+            yield [FlexKey(i, shape) for i in indices]
+
+    def __len__(self) -> int:
+        return max(0, len(self.plan()) - self.start)
+
+
+# ---- datasets at a sampled (T, H) -------------------------------------------------------------------------------
+def resized_video_dataset(dataset: Dataset, frames: int, size: int) -> Dataset:
+    """A copy of a :class:`pks4.data.datasets.VideoDataset` that loads ``frames`` x ``size`` clips.
+
+    The test-time short side scales with ``size`` (same field of view at every size, as resizing frames in the
+    paper does). Datasets with a ``with_shape(frames, size)`` method are asked directly.
+    """
+    if hasattr(dataset, "with_shape"):
+        return dataset.with_shape(frames, size)
+    cfg = getattr(dataset, "cfg", None)
+    if cfg is None or not hasattr(dataset, "_train_tf"):
+        raise TypeError(f"cannot load {type(dataset).__name__} at other sizes: give it with_shape(frames, size)")
+    out = copy.copy(dataset)
+    short = max(size, int(round(size * cfg.short_side / max(cfg.size, 1))))
+    out.cfg = dataclasses.replace(cfg, num_frames=frames, size=size, short_side=short)
+    out._train_tf = dataclasses.replace(dataset._train_tf, size=size)
+    if getattr(dataset, "views", None) is not None:
+        out.views = dataclasses.replace(dataset.views, frames=frames)
+    return out
+
+
+class FlexDataset(Dataset):
+    """Reads :class:`FlexKey` items (index at a shape) through per-shape copies of ``dataset``.
+
+    Items are the inner dataset's dicts plus ``"shape"``; an unreadable video (inner item None) becomes
+    ``{"skipped": path}`` so :func:`flex_collate` can drop and report it, also from worker processes.
+    """
+
+    def __init__(self, dataset: Dataset, variant: Callable[[Dataset, int, int], Dataset] = resized_video_dataset
+                 ) -> None:
+        self.dataset, self.variant = dataset, variant
+        self._variants: dict[tuple[int, int], Dataset] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def at(self, frames: int, size: int) -> Dataset:
+        key = (int(frames), int(size))
+        if key not in self._variants:
+            self._variants[key] = self.variant(self.dataset, *key)
+        return self._variants[key]
+
+    def __getitem__(self, key: FlexKey | int) -> Any:
+        if not isinstance(key, FlexKey):
+            return self.dataset[key]
+        item = self.at(key.shape.frames, key.shape.size)[key.index]
+        if item is None:
+            samples = getattr(self.dataset, "samples", None)
+            return {"skipped": str(samples[key.index].path) if samples is not None else f"item {key.index}"}
+        return {**item, "shape": key.shape} if isinstance(item, dict) else {"item": item, "shape": key.shape}
+
+
+def flex_collate(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Stack one batch of equal-shape items; ``"shape"`` becomes one :class:`FlexShape`, ``"skipped"`` a list."""
+    skipped = [it["skipped"] for it in items if it is not None and "skipped" in it]
+    kept = [it for it in items if it is not None and "skipped" not in it]
+    if not kept:
+        return {"skipped": skipped} if skipped else None
+    shapes = {it["shape"] for it in kept}
+    if len(shapes) != 1:
+        raise ValueError(f"flex_collate: one batch mixes shapes {sorted(shapes)}; use FlexBatchSampler")
+    batch = default_collate([{k: v for k, v in it.items() if k != "shape"} for it in kept])
+    batch["shape"], batch["skipped"] = shapes.pop(), skipped
+    return batch
+
+
+# ---- the patch hook ---------------------------------------------------------------------------------------------
+def fit_to_grid(x: Tensor, grid_hw: tuple[int, int], patch: int) -> Tensor:
+    """Centre-crop or edge-pad the last two dims of ``x`` to (gh * patch, gw * patch)."""
+    th, tw = grid_hw[0] * patch, grid_hw[1] * patch
+    h, w = x.shape[-2:]
+    if (h, w) == (th, tw):
+        return x
+    top, left = (h - th) // 2, (w - tw) // 2
+    if th <= h and tw <= w:
+        return x[..., top:top + th, left:left + tw]
+    lead = x.shape[:-2]
+    pads = (max(0, -left), max(0, tw - w + max(0, -left)), max(0, -top), max(0, th - h + max(0, -top)))
+    x = F.pad(x.reshape(-1, 1, h, w), pads, mode="replicate").reshape(*lead, h + pads[2] + pads[3], -1)
+    return fit_to_grid(x, grid_hw, patch)  # pad done; crop whatever dimension was too large
+
+
+def _grid_for(h: int, w: int, patch: int, grid: int | None) -> tuple[int, int]:
+    """Token grid of an h x w frame: ``grid`` along the shorter side (aspect kept), else floor(side / patch)."""
+    if grid is None:
+        if min(h, w) < patch:
+            raise ValueError(f"frame {h}x{w} is smaller than the patch size {patch}")
+        return h // patch, w // patch
+    if h <= w:
+        return grid, max(1, int(round(grid * w / h)))
+    return max(1, int(round(grid * h / w))), grid
+
+
+def _install_clip(tower: nn.Module, patch: int, grid: int | None, method: str) -> Callable[[], None]:
+    """Shadow the CLIP tower's ``conv1.forward`` and ``grid_size``: the rest of ``embed`` (CLS, bicubic
+    position embedding for the grid, ln_pre) and every model built on the tower run unchanged."""
+    conv, native = tower.conv1, tower.cfg.patch_size
+
+    def conv_forward(images: Tensor) -> Tensor:
+        gh, gw = _grid_for(images.shape[-2], images.shape[-1], patch, grid)
+        w = conv.weight if patch == native else resize_patch_kernel(conv.weight, patch, method)
+        return F.conv2d(fit_to_grid(images, (gh, gw), patch), w, conv.bias, stride=patch)  # Eq. 4, flexed kernel
+
+    def grid_size(height: int, width: int) -> tuple[int, int]:
+        return _grid_for(height, width, patch, grid)
+
+    conv.forward, tower.grid_size = conv_forward, grid_size
+
+    def undo() -> None:
+        del conv.forward, tower.grid_size
+
+    return undo
+
+
+def _install_videomamba(vm: nn.Module, patch: int, grid: int | None, method: str) -> Callable[[], None]:
+    """Shadow VideoMamba's ``embed``: tubelet Conv3d with a flexed kernel, then the model's own position
+    embeddings for the resulting (n_t, h, w) grid (bicubic p_s, linear p_t, or Park's joint embedding)."""
+    c = vm.config
+    proj = vm.patch_embed.proj
+
+    def embed(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+        if x.dim() != 5 or x.shape[2] != c.in_chans or x.shape[1] % c.tubelet:
+            raise ValueError(f"{vm.model_name} expects clips (B, T, {c.in_chans}, H, W) with T divisible by the "
+                             f"tubelet {c.tubelet}, got {tuple(x.shape)}")
+        gh, gw = _grid_for(x.shape[-2], x.shape[-1], patch, grid)
+        w = proj.weight if patch == c.patch_size else resize_patch_kernel(proj.weight, patch, method)
+        clip = fit_to_grid(x, (gh, gw), patch).transpose(1, 2).to(w.dtype)  # (B, C, T, H, W)
+        tokens = F.conv3d(clip, w, proj.bias, stride=(c.tubelet, patch, patch))  # (B, D, n_t, h, w)
+        b, d, n_t = tokens.shape[:3]
+        tokens = tokens.flatten(2).transpose(1, 2)  # 'b d t h w -> b (t h w) d', spatial-first
+        pos, cls_pos = vm._pos_tokens(n_t, (gh, gw), tokens.dtype)
+        if pos is not None:
+            tokens = tokens + pos
+        cls = vm.cls_token.to(tokens.dtype)
+        if cls_pos is not None:
+            cls = cls + cls_pos
+        return torch.cat([cls.expand(b, -1, -1), tokens], dim=1), (n_t, gh, gw)
+
+    vm.embed = embed
+
+    def undo() -> None:
+        del vm.embed
+
+    return undo
+
+
+def set_patch_size(model: nn.Module, patch: int | None, grid: int | None = None, method: str = "bicubic"
+                   ) -> Callable[[], None]:
+    """Make ``model`` embed with ``patch`` x ``patch`` patches until the returned ``undo()`` is called.
+
+    ``grid`` fixes the token grid along the shorter frame side (static tokens); None takes floor(H / patch).
+    ``patch=None`` with ``grid=None`` changes nothing. Returns the undo function.
+    """
+    model = _unwrap(model)
+    if patch is None and grid is None:
+        return lambda: None
+    geo = native_geometry(model)
+    patch = geo["patch"] if patch is None else int(patch)
+    if patch < 1:
+        raise ValueError(f"patch size must be >= 1, got {patch}")
+    tower, vm = _clip_tower(model), _videomamba(model)
+    if tower is not None:
+        if "forward" in vars(tower.conv1):
+            raise RuntimeError("a patch size is already set on this model; undo it first")
+        return _install_clip(tower, patch, grid, method)
+    if "embed" in vars(vm):
+        raise RuntimeError("a patch size is already set on this model; undo it first")
+    return _install_videomamba(vm, patch, grid, method)
+
+
+@contextlib.contextmanager
+def flex_patch(model: nn.Module, shape: FlexShape | int | None, method: str = "bicubic") -> Iterator[nn.Module]:
+    """``with flex_patch(model, batch["shape"]): logits = model(video)``.
+
+    ``shape``: a :class:`FlexShape` (its patch and grid are used), a patch size, or None (no change).
+    The resize runs inside the forward, so gradients reach the stored kernel and position embeddings.
+    """
+    if isinstance(shape, FlexShape):
+        undo = set_patch_size(model, shape.patch, shape.grid, method)
+    else:
+        undo = set_patch_size(model, shape, None, method)
+    try:
+        yield model
+    finally:
+        undo()
+
+
+def inference_shape(model: nn.Module, frames: int, size: int, policy: str | int = "native") -> FlexShape:
+    """The shape to run ``model`` at on frames x size x size clips.
+
+    ``policy``: "native" keeps the stored patch size (the grid follows the size; the paper's evaluation
+    protocol), "static_tokens" flexes the patch to keep the native grid (how static-tokens training sees
+    every size), or an int patch size.
+    """
+    geo = native_geometry(model)
+    if isinstance(policy, int) or (isinstance(policy, str) and policy.isdigit()):
+        p = int(policy)
+        return FlexShape(frames, size, *_patch_shape(size, p))
+    if policy == "native":
+        return FlexShape(frames, size, *_patch_shape(size, geo["patch"]))
+    if policy == "static_tokens":
+        return static_token_patch(size, geo["size"] // geo["patch"])._replace(frames=frames)
+    raise ValueError(f"patch policy {policy!r}; expected one of {PATCH_POLICIES} or a patch size")
+
