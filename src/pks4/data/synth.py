@@ -151,12 +151,18 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
 def sample_params(rng: np.random.Generator, kind: str, num_frames: int, size: int) -> SynthParams:
     """Random scene for one video of pair ``kind`` ("translate_x", "translate_y", "scale", "rotate", "fade").
 
-    Motion is large (1.5-2.4 px per frame, 11-20 degrees per frame, 3x growth) so that a small model learns it
-    quickly; the whole path stays inside the frame.
+    Motion is large so that a small model learns it quickly: moving objects are small and cross 70-95% of the
+    free width of the frame (about 2.5-3 px per frame at 64 px and 16 frames); rotating objects are large, with
+    their marker dot far off-centre so that it travels across patches (15-22 degrees per frame); approaching
+    objects grow about 3x. The whole path stays inside the frame.
     """
     s = size / 64.0  # all pixel quantities are tuned at 64 px and scale with the frame
     steps = max(num_frames - 1, 1)
     r = float(rng.uniform(7, 10.5)) * s
+    if kind in ("translate_x", "translate_y"):
+        r = float(rng.uniform(5, 7)) * s
+    elif kind == "rotate":
+        r = float(rng.uniform(12, 16)) * s
     r0 = r1 = r
     vx = vy = 0.0
     if kind == "scale":
@@ -164,7 +170,7 @@ def sample_params(rng: np.random.Generator, kind: str, num_frames: int, size: in
     margin = max(r0, r1) + _JITTER
     cx, cy = (float(rng.uniform(margin, size - margin)) for _ in range(2))
     if kind in ("translate_x", "translate_y"):
-        speed = min(float(rng.uniform(1.5, 2.4)) * s, (size - 2 * margin) / steps)
+        speed = float(rng.uniform(0.7, 0.95)) * (size - 2 * margin) / steps
         lo = margin
         hi = size - margin - speed * steps
         pos = float(rng.uniform(lo, max(lo, hi)))
@@ -186,7 +192,7 @@ def sample_params(rng: np.random.Generator, kind: str, num_frames: int, size: in
         marker=_hsv_to_rgb(hue_m, 1.0, float(rng.uniform(0.1, 0.3))),
         radius0=r0, radius1=r1, start=(cx, cy), velocity=(vx, vy),
         angle0=float(rng.uniform(0, 360)),
-        spin=float(rng.uniform(11, 20)) if kind == "rotate" else 0.0,
+        spin=float(rng.uniform(15, 22)) if kind == "rotate" else 0.0,
         background_seed=int(rng.integers(2**31)),
         distractors=distractors,
         jitter=tuple((int(a), int(b)) for a, b in rng.integers(-_JITTER, _JITTER + 1, size=(num_frames, 2))),
@@ -235,7 +241,7 @@ def _paint(canvas: np.ndarray, xs: np.ndarray, ys: np.ndarray, shape: str, color
     inside = _shape_mask(shape, u, v)
     canvas[inside] = (1 - alpha) * canvas[inside] + alpha * np.asarray(color, dtype=np.float64)
     if marker is not None:  # an off-centre dot makes every shape (even the disc) show its rotation
-        dot = u ** 2 + (v + 0.45) ** 2 <= 0.3 ** 2
+        dot = u ** 2 + (v + 0.6) ** 2 <= 0.3 ** 2
         canvas[dot] = (1 - alpha) * canvas[dot] + alpha * np.asarray(marker, dtype=np.float64)
 
 
