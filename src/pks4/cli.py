@@ -4,7 +4,10 @@
     pks4 train --model NAME --train-list FILE --val-list FILE --data-root DIR --num-classes K --frames T ...
     pks4 pretrain CONFIG.yaml [--teacher CLIP_WEIGHTS] [--set key=value ...] [--out DIR] [--resume auto|PATH]
     pks4 eval --checkpoint CKPT_OR_RUNDIR [--data LIST] [--views 8x2x3] [--frame-order ORDER] [--json]
-    pks4 predict VIDEO... --checkpoint CKPT_OR_RUNDIR [--topk 5] [--json]
+              [--frames T] [--size S] [--patch-policy native|static_tokens|P]
+    pks4 eval --checkpoint CKPT_OR_RUNDIR --grid frames=8,16,32,64 size=96,128,224 [--out DIR]
+    pks4 predict VIDEO... --checkpoint CKPT_OR_RUNDIR [--topk 5] [--json] [--frames T] [--size S]
+    pks4 retrieval | linear-probe | embed --checkpoint CKPT_OR_RUNDIR [--frames T] [--size S] ...
     pks4 data check LIST_OR_DIR | pks4 data synth OUT_DIR [--seed N]
     pks4 models | pks4 demo [--out DIR]
 
@@ -52,14 +55,22 @@ def _train_cmd(args: argparse.Namespace) -> int:
 def _eval_cmd(args: argparse.Namespace) -> int:
     from pks4.engine.infer import evaluate_checkpoint
 
+    if args.grid:
+        from pks4.engine.protocols import run_grid
+
+        if args.frames or args.size:
+            raise ValueError("--grid evaluates every frames=... x size=... cell; drop --frames/--size")
+        return run_grid(args)
     report = evaluate_checkpoint(args.checkpoint, data_list=args.data, data_root=args.data_root,
                                  views=args.views, batch_size=args.batch_size, out_dir=args.out,
-                                 device=args.device, num_workers=args.workers, frame_order=args.frame_order)
+                                 device=args.device, num_workers=args.workers, frame_order=args.frame_order,
+                                 frames=args.frames, size=args.size, patch_policy=args.patch_policy)
     if args.json:
         print(json.dumps(report))
     else:
         print(f"top-1 {report['top1']:.2f}  top-5 {report['top5']:.2f}  mean-class {report['mean_class']:.2f}"
-              f"  views {report['views']}  frame order {report['frame_order']}  ({report['samples']} videos)")
+              f"  views {report['views']}  frame order {report['frame_order']}  ({report['samples']} videos)"
+              f"  {report['size']} px, patch {report['patch_policy']}")
     return 0
 
 
@@ -80,7 +91,8 @@ def _predict_cmd(args: argparse.Namespace) -> int:
     from pks4.engine.infer import predict_checkpoint
 
     results = predict_checkpoint(args.checkpoint, args.videos, views=args.views, topk=args.topk,
-                                 device=args.device)
+                                 device=args.device, frames=args.frames, size=args.size,
+                                 patch_policy=args.patch_policy)
     for res in results:
         if args.json:
             print(json.dumps(res))
@@ -156,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "blockwise | pairwise | interleaved")
     _add_common(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_shape(ev)
     ev.set_defaults(func=_eval_cmd)
     pr = sub.add_parser("predict", help="top-k classes of video files (multi-view)")
     pr.add_argument("videos", nargs="+", metavar="VIDEO")
@@ -164,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--views", help="FRAMESxCLIPSxCROPS (default: the run's eval.views)")
     _add_common(pr, workers=False)
     pr.add_argument("--json", action="store_true", help="one JSON object per video")
+    _add_shape(pr, grid=False)
     pr.set_defaults(func=_predict_cmd)
+    from pks4.engine.protocols import add_protocol_parsers  # noqa: PLC0415
+
+    add_protocol_parsers(sub)
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     chk = data.add_parser("check", help="verify a list file or folder before training")
     chk.add_argument("path", metavar="LIST_OR_DIR")
@@ -184,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_profile_parser(sub)
     return p
+
+
+def _add_shape(p: argparse.ArgumentParser, grid: bool = True) -> None:
+    """Any clip length / frame size from one checkpoint (StretchySnake), and for eval the frames x size grid."""
+    p.add_argument("--frames", type=int, help="frames per view (default: the run's eval.views)")
+    p.add_argument("--size", type=int, help="frame size in pixels (default: the run's data.size)")
+    if grid:
+        from pks4.engine.protocols import add_grid_arguments  # noqa: PLC0415
+
+        add_grid_arguments(p)  # --grid, --grid-metric, --patch-policy
+    else:
+        p.add_argument("--patch-policy", default="native",
+                       help="native (stored patch) | static_tokens (patch scaled to keep the token grid) | N")
 
 
 def _add_common(p: argparse.ArgumentParser, workers: bool = True) -> None:

@@ -43,8 +43,8 @@ from pks4.layers.posembed import resize_patch_kernel
 __all__ = [
     "FLEX_MODES", "PATCH_POLICIES", "FlexConfig", "FlexShape", "FlexKey", "native_geometry", "resolve_flex_config",
     "static_token_patch", "sample_shape", "tokens_per_clip", "batch_size_for", "FlexBatchSampler",
-    "FlexDataset", "resized_video_dataset", "flex_collate", "flex_patch", "set_patch_size", "inference_shape",
-    "fit_to_grid",
+    "FlexDataset", "data_config_at", "resized_video_dataset", "flex_collate", "flex_patch", "set_patch_size",
+    "inference_shape", "fit_to_grid",
 ]
 
 FLEX_MODES = ("none", "temporal", "static_patch", "static_tokens", "flexivit", "flex_all")
@@ -129,23 +129,29 @@ def _patch_shape(size: int, patch: int) -> tuple[int, int]:
     return patch, size // patch
 
 
+def _pick(rng: np.random.Generator, values: tuple[int, ...] | list[int]) -> int:
+    # The same draw as rng.choice(values) (one integers() call), without its per-call array conversion:
+    # a whole epoch is planned at start-up, so this runs once per batch of every epoch.
+    return int(values[int(rng.integers(len(values)))])
+
+
 def sample_shape(cfg: FlexConfig, rng: np.random.Generator) -> FlexShape:
     """Draw one batch shape for ``cfg.mode`` (§4.2): uniform over R^t, R^s and the mode's patch set."""
-    t = int(rng.choice(cfg.frames)) if cfg.mode != "none" else cfg.base_frames
+    t = _pick(rng, cfg.frames) if cfg.mode != "none" else cfg.base_frames
     if cfg.mode in ("none", "temporal"):
         return FlexShape(t, cfg.base_size, cfg.base_patch, cfg.native_grid)
     if cfg.mode == "flexivit":
-        p, g = _patch_shape(cfg.flexivit_size, int(rng.choice(cfg.flexivit_patches)))
+        p, g = _patch_shape(cfg.flexivit_size, _pick(rng, cfg.flexivit_patches))
         return FlexShape(t, cfg.flexivit_size, p, g)
-    size = int(rng.choice(cfg.sizes))
+    size = _pick(rng, cfg.sizes)
     if cfg.mode == "static_patch":
         return FlexShape(t, size, *_patch_shape(size, cfg.base_patch))
     if cfg.mode == "static_tokens":
-        return static_token_patch(size, cfg.native_grid)._replace(frames=t)
+        return FlexShape(t, size, static_token_patch(size, cfg.native_grid).patch, cfg.native_grid)
     lo, hi = cfg.flex_all_patches  # flex_all: p divides H where it can (§4.2 example 5)
     hi = min(hi, size)
     candidates = [p for p in range(min(lo, hi), hi + 1) if size % p == 0] or list(range(min(lo, hi), hi + 1))
-    return FlexShape(t, size, *_patch_shape(size, int(rng.choice(candidates))))
+    return FlexShape(t, size, *_patch_shape(size, _pick(rng, candidates)))
 
 
 def tokens_per_clip(shape: FlexShape, tubelet: int = 1) -> int:
@@ -229,13 +235,20 @@ class FlexBatchSampler(Sampler[list[FlexKey]]):
         self.n, self.base_batch, self.cfg, self.seed = dataset_len, base_batch, cfg, seed
         self.shuffle, self.rank, self.world_size, self.drop_last = shuffle, rank, world_size, drop_last
         self.epoch, self.start = 0, 0
+        self._cached: tuple[int, list[tuple[FlexShape, list[int]]]] | None = None
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select epoch ``epoch`` and skip its first ``start`` batches (counted in batches, not items)."""
         self.epoch, self.start = int(epoch), int(start)
 
     def plan(self) -> list[tuple[FlexShape, list[int]]]:
         """This rank's batches of the current epoch: (shape, dataset indices)."""
-        rng = np.random.default_rng([self.seed, self.epoch])
+        if self._cached is None or self._cached[0] != self.epoch:  # len() then iter() plan an epoch once
+            self._cached = (self.epoch, self._plan(self.epoch))
+        return self._cached[1]
+
+    def _plan(self, epoch: int) -> list[tuple[FlexShape, list[int]]]:
+        rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
         out, pos = [], 0
         while pos < self.n:
@@ -260,11 +273,21 @@ class FlexBatchSampler(Sampler[list[FlexKey]]):
 
 
 # ---- datasets at a sampled (T, H) -------------------------------------------------------------------------------
-def resized_video_dataset(dataset: Dataset, frames: int, size: int) -> Dataset:
-    """A copy of a :class:`pks4.data.datasets.VideoDataset` that loads ``frames`` x ``size`` clips.
+def data_config_at(cfg: Any, frames: int | None, size: int | None) -> Any:
+    """A :class:`pks4.data.datasets.DataConfig` for ``frames`` x ``size`` clips (None keeps the value).
 
-    The test-time short side scales with ``size`` (same field of view at every size, as resizing frames in the
-    paper does). Datasets with a ``with_shape(frames, size)`` method are asked directly.
+    The test-time short side scales with ``size`` (the same field of view at every size, as resizing frames in
+    the paper does), so a 3-crop or centre-crop view covers the same part of the frame at every size.
+    """
+    frames = cfg.num_frames if frames is None else int(frames)
+    size = cfg.size if size is None else int(size)
+    short = max(size, int(round(size * cfg.short_side / max(cfg.size, 1))))
+    return dataclasses.replace(cfg, num_frames=frames, size=size, short_side=short)
+
+
+def resized_video_dataset(dataset: Dataset, frames: int, size: int) -> Dataset:
+    """A copy of a :class:`pks4.data.datasets.VideoDataset` that loads ``frames`` x ``size`` clips
+    (configured by :func:`data_config_at`). Datasets with a ``with_shape(frames, size)`` method are asked directly.
     """
     if hasattr(dataset, "with_shape"):
         return dataset.with_shape(frames, size)
@@ -272,8 +295,7 @@ def resized_video_dataset(dataset: Dataset, frames: int, size: int) -> Dataset:
     if cfg is None or not hasattr(dataset, "_train_tf"):
         raise TypeError(f"cannot load {type(dataset).__name__} at other sizes: give it with_shape(frames, size)")
     out = copy.copy(dataset)
-    short = max(size, int(round(size * cfg.short_side / max(cfg.size, 1))))
-    out.cfg = dataclasses.replace(cfg, num_frames=frames, size=size, short_side=short)
+    out.cfg = data_config_at(cfg, frames, size)
     out._train_tf = dataclasses.replace(dataset._train_tf, size=size)
     if getattr(dataset, "views", None) is not None:
         out.views = dataclasses.replace(dataset.views, frames=frames)
@@ -295,6 +317,11 @@ class FlexDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    @property
+    def samples(self) -> Any:
+        """The inner dataset's samples (None when it has none): names the file of a skipped item."""
+        return getattr(self.dataset, "samples", None)
+
     def at(self, frames: int, size: int) -> Dataset:
         key = (int(frames), int(size))
         if key not in self._variants:
@@ -305,9 +332,11 @@ class FlexDataset(Dataset):
         if not isinstance(key, FlexKey):
             return self.dataset[key]
         item = self.at(key.shape.frames, key.shape.size)[key.index]
-        if item is None:
-            samples = getattr(self.dataset, "samples", None)
-            return {"skipped": str(samples[key.index].path) if samples is not None else f"item {key.index}"}
+        if item is None:  # the variants share the inner dataset's record of bad videos: its last entry says why
+            bad, samples = getattr(self.dataset, "bad", None), self.samples
+            path = str(samples[key.index].path) if samples is not None else f"item {key.index}"
+            why = str(bad[-1][1]) if bad and bad[-1][0] == path else ""
+            return {"skipped": why if path in why else f"{path}: {why or 'unreadable'}"}
         return {**item, "shape": key.shape} if isinstance(item, dict) else {"item": item, "shape": key.shape}
 
 

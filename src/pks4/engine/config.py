@@ -18,9 +18,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from pks4.data.datasets import DataConfig
+from pks4.flex import FlexConfig
 
 __all__ = [
-    "ConfigError", "ModelConfig", "OptimConfig", "TrainConfig", "EvalConfig", "RunConfig", "DataConfig",
+    "ConfigError", "ModelConfig", "OptimConfig", "TrainConfig", "EvalConfig", "RunConfig", "DataConfig", "FlexConfig",
     "load_config", "apply_overrides", "config_to_dict", "config_from_dict", "format_config", "build_section",
 ]
 
@@ -126,6 +127,9 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # StretchySnake flexible training (pks4.flex): off unless flex.mode is set, e.g. flex.mode=static_tokens.
+    # base_frames / base_size / base_patch / tubelet are taken from data.num_frames and the built model.
+    flex: FlexConfig = field(default_factory=lambda: FlexConfig(mode="none"))
     out: str = "runs/default"
 
 

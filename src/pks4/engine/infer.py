@@ -2,7 +2,8 @@
 
 Multi-view testing (#frames x #clips x #crops, e.g. 8x2x3) scores every view separately, takes the softmax
 per view and averages the probabilities (PKS4 section 4.2 / Table 3 test protocol). Accuracies are reported in
-percent.
+percent. ``frame_order`` (Park et al. Table 1: sequential, blockwise, pairwise, interleaved) reorders every view's
+frames before the model sees them, for any model, to test how much a model relies on temporal order.
 """
 from __future__ import annotations
 
@@ -40,14 +41,21 @@ def aggregate_views(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def run_views(model: nn.Module, views: torch.Tensor, chunk: int = 16,
-              amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Score (N, V, T, 3, H, W) clips view by view -> logits (N, V, K); a (N, T, 3, H, W) input is one view."""
+              amp_dtype: torch.dtype | None = None, frame_order: str | None = None) -> torch.Tensor:
+    """Score (N, V, T, 3, H, W) clips view by view -> logits (N, V, K); a (N, T, 3, H, W) input is one view.
+
+    ``frame_order`` (None = as sampled) permutes each view's frames first (:mod:`pks4.data.frame_order`).
+    """
     if views.ndim == 5:
         views = views.unsqueeze(1)
     if views.ndim != 6:
         raise ValueError(f"expected views (N, V, T, 3, H, W), got shape {tuple(views.shape)}")
     n, v = views.shape[:2]
     flat = views.flatten(0, 1)  # (N*V, T, 3, H, W): views are independent clips
+    if frame_order is not None:
+        from pks4.data.frame_order import perturb_frame_order
+
+        flat = perturb_frame_order(flat, frame_order)
     device = next(model.parameters()).device
     outs = []
     for start in range(0, flat.shape[0], chunk):
@@ -127,7 +135,7 @@ def _gather(local: list[torch.Tensor]) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], amp_dtype: torch.dtype | None = None,
-             chunk: int = 16, progress: Any = None) -> EvalOutput:
+             chunk: int = 16, progress: Any = None, frame_order: str | None = None) -> EvalOutput:
     """Score every batch of ``loader`` ({"video", "label", "index"}) and gather all ranks' per-sample scores.
 
     Under DDP each rank scores its shard; the scores are gathered and de-duplicated by dataset index (the
@@ -139,7 +147,7 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], amp_dtype: torc
     for batch in loader:
         if batch is None or "video" not in batch:  # every clip of the batch was skipped as unreadable
             continue
-        probs.append(aggregate_views(run_views(model, batch["video"], chunk, amp_dtype)).cpu())
+        probs.append(aggregate_views(run_views(model, batch["video"], chunk, amp_dtype, frame_order)).cpu())
         labels.append(torch.as_tensor(batch["label"]).cpu())
         indices.append(torch.as_tensor(batch["index"]).cpu())
         if progress is not None:
@@ -200,13 +208,45 @@ def _device(pref: str) -> torch.device:
     return torch.device(pref)
 
 
+def _check_patch_policy(policy: str | int) -> str | int:
+    """``native`` | ``static_tokens`` | a patch size (int or digits), checked before any loading."""
+    from pks4.flex import PATCH_POLICIES
+
+    if isinstance(policy, int) or str(policy).isdigit():
+        if int(policy) < 1:
+            raise ValueError(f"patch policy {policy!r}: a patch size must be >= 1")
+        return int(policy)
+    if policy not in PATCH_POLICIES:
+        raise ValueError(f"patch policy {policy!r}: expected one of {', '.join(PATCH_POLICIES)} or a patch size")
+    return policy
+
+
+def _at_shape(model: nn.Module, frames: int, size: int, trained_size: int, policy: str | int, method: str) -> Any:
+    """Context that makes ``model`` embed ``size`` px frames with the patch of ``policy`` (:mod:`pks4.flex`:
+    resized patch kernel, bicubic position embeddings). At the size it was trained at with its stored patch
+    nothing changes, so the plain forward runs there."""
+    from contextlib import nullcontext
+
+    from pks4.flex import flex_patch, inference_shape
+
+    if size == trained_size and policy == "native":
+        return nullcontext()
+    return flex_patch(model, inference_shape(model, frames, size, policy), method)
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data_list: str | None = None, data_root: str | None = None,
                         views: str | None = None, batch_size: int | None = None, out_dir: str | Path | None = None,
-                        device: str = "auto", num_workers: int = 2) -> dict[str, Any]:
+                        device: str = "auto", num_workers: int = 2, frame_order: str | None = None,
+                        frames: int | None = None, size: int | None = None, patch_policy: str | int = "native"
+                        ) -> dict[str, Any]:
     """Multi-view evaluation of a checkpoint (or run dir) on its validation list or ``data_list``.
 
-    Returns ``{"top1", "top5", "mean_class", "views", "samples"}`` (accuracies in percent); with ``out_dir``
-    also writes ``confusion_matrix.csv`` / ``.png`` there.
+    Returns ``{"top1", "top5", "mean_class", "views", "samples", "frame_order", "size", "patch_policy"}``
+    (accuracies in percent); with ``out_dir`` also writes ``confusion_matrix.csv`` / ``.png`` there.
+    ``frame_order`` (Park et al. Table 1) reorders the frames of every view before the model; None or
+    "sequential" keeps them. ``frames`` / ``size`` evaluate at any clip length and frame size (StretchySnake);
+    ``patch_policy`` is ``native`` (stored patch, the grid follows the size), ``static_tokens`` (patch scaled
+    to keep the trained token grid) or a patch size.
     """
     from dataclasses import replace
 
@@ -214,30 +254,52 @@ def evaluate_checkpoint(checkpoint: str | Path, data_list: str | None = None, da
 
     from pks4.data.datasets import build_dataset, collate_skip_bad
     from pks4.data.sampling import parse_views
+    from pks4.data.frame_order import FRAME_ORDERS
     from pks4.engine.checkpoint import load_model_from_checkpoint
+    from pks4.flex import data_config_at
 
+    if frame_order is not None and frame_order not in FRAME_ORDERS:  # before minutes of loading, not after
+        raise ValueError(f"frame order {frame_order!r}: expected one of {', '.join(FRAME_ORDERS)}")
+    patch_policy = _check_patch_policy(patch_policy)
     model, cfg, classes = load_model_from_checkpoint(checkpoint, map_location=_device(device))
     data_cfg = replace(cfg.data, val=data_list or cfg.data.val, root=data_root if data_root is not None else
                        (cfg.data.root if not data_list else ""))
     spec = parse_views(views or cfg.eval.views)
+    if frames is not None:
+        spec = replace(spec, frames=frames)
+    if size is not None:
+        data_cfg = data_config_at(data_cfg, spec.frames, size)
     dataset = build_dataset(data_cfg, "val", train=False, views=spec)
     if len(dataset.classes) > len(classes):
         raise ValueError(f"{data_cfg.val}: {len(dataset.classes)} classes but the checkpoint has {len(classes)}")
     loader = DataLoader(dataset, batch_size=batch_size or cfg.eval.batch_size, num_workers=num_workers,
                         collate_fn=collate_skip_bad)
-    out = evaluate(model, loader)
+    with _at_shape(model, spec.frames, data_cfg.size, cfg.data.size, patch_policy, cfg.flex.kernel_resize):
+        out = evaluate(model, loader, frame_order=frame_order)
     metrics = compute_metrics(out.probs, out.labels, len(classes))
     if out_dir is not None:
         cm = confusion_matrix(out.probs.argmax(1), out.labels, len(classes))
         save_confusion_matrix(cm, classes, Path(out_dir) / "confusion_matrix.csv",
                               Path(out_dir) / "confusion_matrix.png")
-    return {**metrics, "views": str(spec), "samples": int(len(out.labels))}
+    return {**metrics, "views": str(spec), "samples": int(len(out.labels)),
+            "frame_order": frame_order or "sequential", "size": data_cfg.size, "patch_policy": patch_policy}
 
 
 def predict_checkpoint(checkpoint: str | Path, videos: Sequence[str | Path], views: str | None = None,
-                       topk: int = 5, device: str = "auto") -> list[dict[str, Any]]:
-    """:func:`predict_videos` with the model, class names and data settings of a checkpoint (or run dir)."""
-    from pks4.engine.checkpoint import load_model_from_checkpoint
+                       topk: int = 5, device: str = "auto", frames: int | None = None, size: int | None = None,
+                       patch_policy: str | int = "native") -> list[dict[str, Any]]:
+    """:func:`predict_videos` with the model, class names and data settings of a checkpoint (or run dir);
+    ``frames`` / ``size`` / ``patch_policy`` as in :func:`evaluate_checkpoint`."""
+    from dataclasses import replace
 
+    from pks4.data.sampling import parse_views
+    from pks4.engine.checkpoint import load_model_from_checkpoint
+    from pks4.flex import data_config_at
+
+    patch_policy = _check_patch_policy(patch_policy)
     model, cfg, classes = load_model_from_checkpoint(checkpoint, map_location=_device(device))
-    return predict_videos(model, videos, classes, views or cfg.eval.views, cfg.data.size, cfg.data, topk)
+    spec = parse_views(views or cfg.eval.views)
+    spec = replace(spec, frames=frames) if frames is not None else spec
+    data_cfg = data_config_at(cfg.data, spec.frames, size) if size is not None else cfg.data
+    with _at_shape(model, spec.frames, data_cfg.size, cfg.data.size, patch_policy, cfg.flex.kernel_resize):
+        return predict_videos(model, videos, classes, str(spec), data_cfg.size, data_cfg, topk)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from pks4.engine.infer import aggregate_views, run_views
-from pks4.flex import flex_patch, inference_shape, resized_video_dataset
+from pks4.flex import data_config_at, flex_patch, inference_shape, resized_video_dataset
 
 __all__ = [
     "GridResult", "parse_grid", "extract_features", "classify", "eval_grid", "write_grid", "plot_grid",
@@ -116,9 +116,10 @@ def retrieval_topk(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery
 
 def retrieval(model: nn.Module, gallery: Dataset, queries: Dataset, *, frames: int | None = None,
               size: int | None = None, policy: str | int = "native", ks: Sequence[int] = (1, 5),
-              batch_size: int = 8, num_workers: int = 0) -> dict[str, float]:
+              batch_size: int = 8, num_workers: int = 0, kernel_resize: str = "bicubic") -> dict[str, float]:
     """Video retrieval (§5.2): gallery = training clips, queries = validation clips, both at (T, H)."""
-    kw = dict(frames=frames, size=size, policy=policy, batch_size=batch_size, num_workers=num_workers)
+    kw = dict(frames=frames, size=size, policy=policy, batch_size=batch_size, num_workers=num_workers,
+              kernel_resize=kernel_resize)
     g, gy, _ = extract_features(model, gallery, **kw)
     q, qy, _ = extract_features(model, queries, **kw)
     return {f"top{k}": v for k, v in retrieval_topk(q, qy, g, gy, ks).items()}
@@ -240,7 +241,7 @@ def parse_grid(items: Sequence[str]) -> tuple[list[int], list[int]]:
 def eval_grid(model: nn.Module, dataset: Dataset, frames: Sequence[int], sizes: Sequence[int], *,
               policy: str | int = "native", metric: str = "top1", gallery: Dataset | None = None,
               batch_size: int = 8, num_workers: int = 0, seen: Sequence[tuple[int, int]] = (),
-              log: Any = None) -> GridResult:
+              log: Any = None, kernel_resize: str = "bicubic") -> GridResult:
     """Evaluate one checkpoint at every (T, H) of frames x sizes (Table 1).
 
     ``metric``: "top1" (the model's head) or "retrieval" (top-1 nearest neighbour against ``gallery`` encoded
@@ -251,7 +252,7 @@ def eval_grid(model: nn.Module, dataset: Dataset, frames: Sequence[int], sizes: 
     if metric == "retrieval" and gallery is None:
         raise ValueError("eval_grid(metric='retrieval') needs a gallery dataset (the training clips)")
     values = np.full((len(frames), len(sizes)), np.nan)
-    kw = dict(policy=policy, batch_size=batch_size, num_workers=num_workers)
+    kw = dict(policy=policy, batch_size=batch_size, num_workers=num_workers, kernel_resize=kernel_resize)
     for i, t in enumerate(frames):
         for j, s in enumerate(sizes):
             if metric == "top1":
@@ -354,11 +355,13 @@ def plot_embedding(xy: np.ndarray, labels: np.ndarray, classes: Sequence[str] | 
 
 def embed(model: nn.Module, dataset: Dataset, out_path: str | Path, *, frames: int | None = None,
           size: int | None = None, policy: str | int = "native", classes: Sequence[str] | None = None,
-          batch_size: int = 8, num_workers: int = 0, methods: Sequence[str] | None = None) -> dict[str, Path]:
+          batch_size: int = 8, num_workers: int = 0, methods: Sequence[str] | None = None,
+          kernel_resize: str = "bicubic") -> dict[str, Path]:
     """Write clip embeddings to ``out_path`` (.npz: features, labels, indices; or .safetensors) and one 2-D
     map PNG per method next to it (``<stem>_pca.png``, ``<stem>_tsne.png``)."""
     feats, labels, indices = extract_features(model, dataset, frames=frames, size=size, policy=policy,
-                                              batch_size=batch_size, num_workers=num_workers)
+                                              batch_size=batch_size, num_workers=num_workers,
+                                              kernel_resize=kernel_resize)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".safetensors":
@@ -424,7 +427,9 @@ def _policy(text: str) -> str | int:
     return int(text) if str(text).isdigit() else text
 
 
-def _load(args: argparse.Namespace, splits: Sequence[str]) -> tuple[nn.Module, Any, list[str], dict[str, Dataset]]:
+def _load(args: argparse.Namespace, splits: Sequence[str]
+          ) -> tuple[nn.Module, Any, list[str], dict[str, Dataset], Any]:
+    """(model, data config at the asked (T, H), class names, datasets by split, the run's RunConfig)."""
     from dataclasses import replace
 
     from pks4.data.datasets import build_dataset
@@ -436,14 +441,24 @@ def _load(args: argparse.Namespace, splits: Sequence[str]) -> tuple[nn.Module, A
     data_cfg = replace(cfg.data, train=getattr(args, "train_data", None) or cfg.data.train,
                        val=getattr(args, "data", None) or cfg.data.val,
                        root=args.data_root if args.data_root is not None else ("" if given else cfg.data.root))
-    if getattr(args, "frames", None) or getattr(args, "size", None):
-        data_cfg = replace(data_cfg, num_frames=args.frames or data_cfg.num_frames, size=args.size or data_cfg.size)
-    return model, data_cfg, classes, {s: build_dataset(data_cfg, s, train=False) for s in splits}
+    if getattr(args, "frames", None) or getattr(args, "size", None):  # short side scaled with the size
+        data_cfg = data_config_at(data_cfg, args.frames or None, args.size or None)
+    data = {s: build_dataset(data_cfg, s, train=False) for s in splits}
+    return model, data_cfg, classes, data, cfg
 
 
 def _emit(args: argparse.Namespace, report: dict[str, Any], text: str) -> int:
     print(json.dumps(report) if args.json else text)
     return 0
+
+
+def _trained_cells(run: Any) -> list[tuple[int, int]]:
+    """(T, H) cells a run trained at (outlined in the grid, Table 1's grey cells): its flex ranges or its size."""
+    f, d = run.flex, run.data
+    if f.mode == "none":
+        return [(d.num_frames, d.size)]
+    sizes = {"temporal": [d.size], "flexivit": [f.flexivit_size]}.get(f.mode, list(f.sizes))
+    return [(int(t), int(s)) for t in f.frames for s in sizes]
 
 
 def run_grid(args: argparse.Namespace) -> int:
@@ -452,27 +467,28 @@ def run_grid(args: argparse.Namespace) -> int:
     args.train_data = None
     args.frames = args.size = None
     splits = ("train", "val") if args.grid_metric == "retrieval" else ("val",)
-    model, _, _, data = _load(args, splits)
+    model, _, _, data, run = _load(args, splits)
     result = eval_grid(model, data["val"], frames, sizes, policy=_policy(args.patch_policy),
-                       metric=args.grid_metric, gallery=data.get("train"),
-                       batch_size=args.batch_size or 8, num_workers=args.workers)
+                       metric=args.grid_metric, gallery=data.get("train"), batch_size=args.batch_size or 8,
+                       num_workers=args.workers, seen=_trained_cells(run), kernel_resize=run.flex.kernel_resize)
     paths = write_grid(result, args.out or ".", "grid") if args.out else {}
     report = {"grid": result.to_rows(), "spread": result.spread, **{k: str(v) for k, v in paths.items()}}
     return _emit(args, report, result.to_markdown())
 
 
 def run_retrieval(args: argparse.Namespace) -> int:
-    model, cfg, _, data = _load(args, ("train", "val"))
+    model, cfg, _, data, run = _load(args, ("train", "val"))
     res = retrieval(model, data["train"], data["val"], policy=_policy(args.patch_policy), ks=(1, 5),
-                    batch_size=args.batch_size, num_workers=args.workers)
+                    batch_size=args.batch_size, num_workers=args.workers, kernel_resize=run.flex.kernel_resize)
     report = {**res, "frames": cfg.num_frames, "size": cfg.size, "policy": args.patch_policy}
     return _emit(args, report, f"retrieval top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  "
                                f"({cfg.num_frames} frames, {cfg.size} px, patch {args.patch_policy})")
 
 
 def run_linear_probe(args: argparse.Namespace) -> int:
-    model, cfg, classes, data = _load(args, ("train", "val"))
-    kw = dict(policy=_policy(args.patch_policy), batch_size=args.batch_size, num_workers=args.workers)
+    model, cfg, classes, data, run = _load(args, ("train", "val"))
+    kw = dict(policy=_policy(args.patch_policy), batch_size=args.batch_size, num_workers=args.workers,
+              kernel_resize=run.flex.kernel_resize)
     xt, yt, _ = extract_features(model, data["train"], **kw)
     xv, yv, _ = extract_features(model, data["val"], **kw)
     res = linear_probe(xt, yt, xv, yv, num_classes=len(classes), steps=args.steps, weight_decay=args.weight_decay)
@@ -481,8 +497,8 @@ def run_linear_probe(args: argparse.Namespace) -> int:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    model, _, classes, data = _load(args, (args.split,))
+    model, _, classes, data, run = _load(args, (args.split,))
     paths = embed(model, data[args.split], args.out, policy=_policy(args.patch_policy), classes=classes,
-                  batch_size=args.batch_size, num_workers=args.workers)
+                  batch_size=args.batch_size, num_workers=args.workers, kernel_resize=run.flex.kernel_resize)
     report = {k: str(v) for k, v in paths.items()}
     return _emit(args, report, "\n".join(f"{k}: {v}" for k, v in report.items()))

@@ -19,6 +19,11 @@ Faults the loop survives:
   that update is dropped and logged (``skip``).
 * With ``data.skip_bad_videos`` a video that fails to read or transform, or a DataLoader worker that dies, costs
   that video (or batch) only; the skipped files are listed at the end and in ``skipped_videos.txt``.
+
+StretchySnake (``flex.mode``, :mod:`pks4.flex`): each batch has its own sampled (T, H, patch) and a batch size
+scaled to keep tokens per batch bounded, so epochs differ in length. The batch plan is a pure function of (seed,
+epoch): every epoch is planned at start-up, the LR schedule spans the sum of the planned steps (warm-up: warm-up
+epochs x the mean planned epoch length), and a resume replays the same batches from the saved batch position.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import RunConfig, config_to_dict, format_config
 from pks4.engine.infer import compute_metrics, confusion_matrix, evaluate, save_confusion_matrix
 from pks4.engine.optim import CosineWarmup, build_optimizer, scaled_lr
+from pks4.flex import FlexBatchSampler, FlexDataset, flex_collate, flex_patch, resolve_flex_config
 
 __all__ = ["TrainingError", "DistInfo", "TrainResult", "setup_distributed", "seed_everything", "amp_dtype_for",
            "build_model", "Trainer", "train", "plot_curves", "item_seed", "raise_load_errors"]
@@ -237,9 +243,10 @@ class ReportBad(Dataset):
     def __len__(self) -> int:
         return len(self.inner)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, i: int | Any) -> dict[str, Any]:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed(self.seed, self.epoch, i))
+            # a FlexKey (flexible training) names its item by .index: the same seed at every sampled shape
+            torch.manual_seed(item_seed(self.seed, self.epoch, int(getattr(i, "index", i))))
             try:
                 item = self.inner[i]
             except DataError as exc:
@@ -254,7 +261,8 @@ class ReportBad(Dataset):
         return {"skipped": ": ".join(bad[-1]) if bad else _sample_path(self.inner, i)}
 
 
-def _sample_path(dataset: Dataset, i: int) -> str:
+def _sample_path(dataset: Dataset, i: int | Any) -> str:
+    i = int(getattr(i, "index", i))  # a FlexKey or a plain index
     samples = getattr(dataset, "samples", None)
     return str(samples[i].path) if samples is not None else f"item {i}"
 
@@ -318,6 +326,13 @@ def collate_report_bad(items: list[dict[str, Any]]) -> dict[str, Any] | None:
         return {"skipped": skipped} if skipped else None
     batch["skipped"] = skipped
     return batch
+
+
+def collate_flex_report_bad(items: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """:func:`pks4.flex.flex_collate` (one shape per batch, ``"shape"`` kept) with the ``"error"`` reporting of
+    :func:`collate_report_bad`."""
+    errors = [it["error"] for it in items if it is not None and "error" in it]
+    return {"error": errors} if errors else flex_collate(items)
 
 
 # ------------------------------------------------------------------------------------------------ logging
@@ -442,37 +457,67 @@ class Trainer:
         return text
 
     def _setup_data(self) -> None:
-        bs = self.cfg.train.batch_size
-        self.train_sampler = ResumableSampler(self.train_set, self.dist, shuffle=True, seed=self.cfg.train.seed)
-        shard = len(self.train_sampler.inner)
-        self.drop_last = shard >= 2 * bs  # constant batch shapes, unless the data is tiny
-        self.micro_per_epoch = shard // bs if self.drop_last else math.ceil(shard / bs)
-        self.steps_per_epoch = math.ceil(self.micro_per_epoch / self.cfg.train.accum_steps)
+        bs, t = self.cfg.train.batch_size, self.cfg.train
+        self.flex_cfg = None
+        if self.cfg.flex.mode != "none":
+            self._setup_flex()
+        else:
+            self.train_sampler = ResumableSampler(self.train_set, self.dist, shuffle=True, seed=t.seed)
+            shard = len(self.train_sampler.inner)
+            self.drop_last = shard >= 2 * bs  # constant batch shapes, unless the data is tiny
+            self.micro_per_epoch = shard // bs if self.drop_last else math.ceil(shard / bs)
+            self.planned_micro = [self.micro_per_epoch] * t.epochs
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / t.accum_steps)
         self.val_loader = None
         if self.val_set is not None:
             sampler = ResumableSampler(self.val_set, self.dist, shuffle=False, seed=0)
             self.val_loader = self._loader(self.val_set, sampler, self.cfg.eval.batch_size, False, 0)
 
+    def _setup_flex(self) -> None:
+        """StretchySnake batches: :class:`FlexBatchSampler` over the training set, every epoch planned now."""
+        t = self.cfg.train
+        try:
+            self.flex_cfg = resolve_flex_config(self.cfg.flex, self.raw_model, base_frames=self.cfg.data.num_frames)
+        except (TypeError, ValueError) as exc:
+            raise TrainingError(f"flex.mode={self.cfg.flex.mode} with model '{self.cfg.model.name}': {exc}") from None
+        self.train_sampler = FlexBatchSampler(len(self.train_set), t.batch_size, self.flex_cfg, seed=t.seed,
+                                              rank=self.dist.rank, world_size=self.dist.world_size)
+        self.drop_last = False  # the last batch wraps round to the start of the epoch's order instead
+        self.planned_micro = [self._flex_epoch_length(e) for e in range(t.epochs)]
+        self.micro_per_epoch = self.planned_micro[0] if self.planned_micro else self._flex_epoch_length(0)
+
+    def _flex_epoch_length(self, epoch: int) -> int:
+        """Micro-batches of epoch ``epoch`` (the same on every rank); leaves the sampler at that epoch's start."""
+        self.train_sampler.set_epoch(epoch, 0)
+        return len(self.train_sampler)
+
     def _loader(self, dataset: Dataset, sampler: Sampler, bs: int, drop_last: bool, epoch: int) -> DataLoader:
         # A private generator: building a loader must not draw from the global RNG, or resuming mid-epoch
         # would shift every random number after it.
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + epoch * 1_009 + self.dist.rank)
+        pin, workers = self.dist.device.type == "cuda", self.cfg.train.num_workers
+        if isinstance(sampler, FlexBatchSampler):  # batches of FlexKey (index, shape): one (T, H) per batch
+            wrapped = ReportBad(FlexDataset(dataset), self.cfg.train.seed, epoch, self.cfg.data.skip_bad_videos)
+            return DataLoader(wrapped, batch_sampler=sampler, num_workers=workers, collate_fn=collate_flex_report_bad,
+                              pin_memory=pin, generator=gen)
         wrapped = ReportBad(dataset, self.cfg.train.seed, epoch, self.cfg.data.skip_bad_videos)
-        return DataLoader(wrapped, batch_size=bs, sampler=sampler, num_workers=self.cfg.train.num_workers,
-                          collate_fn=collate_report_bad, pin_memory=self.dist.device.type == "cuda",
-                          drop_last=drop_last, generator=gen)
+        return DataLoader(wrapped, batch_size=bs, sampler=sampler, num_workers=workers,
+                          collate_fn=collate_report_bad, pin_memory=pin, drop_last=drop_last, generator=gen)
 
     def _setup_optim(self) -> None:
         o, t = self.cfg.optim, self.cfg.train
         self.global_batch = t.batch_size * t.accum_steps * self.dist.world_size
         self.peak_lr = scaled_lr(o.lr, self.global_batch) if o.scale_lr else o.lr
         self.optimizer = build_optimizer(self.raw_model, o, self.peak_lr)
-        total = t.epochs * self.steps_per_epoch
-        self.scheduler = CosineWarmup(self.optimizer, total, round(o.warmup_epochs * self.steps_per_epoch),
+        # Every epoch's optimizer steps are known in advance (flexible epochs differ in length but are planned).
+        steps = [math.ceil(m / t.accum_steps) for m in self.planned_micro]
+        per_epoch = sum(steps) / len(steps) if steps else self.steps_per_epoch
+        self.scheduler = CosineWarmup(self.optimizer, sum(steps), round(o.warmup_epochs * per_epoch),
                                       self.peak_lr, o.min_lr)
         trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
+        flex = f" (flex.mode={self.cfg.flex.mode}: mean of the planned epochs)" if self.flex_cfg else ""
         self.log(f"model {self.cfg.model.name}: {trainable / 1e6:.2f}M trainable parameters; global batch "
-                 f"{self.global_batch}, peak lr {self.peak_lr:.3g}, {self.steps_per_epoch} steps/epoch")
+                 f"{self.global_batch}, peak lr {self.peak_lr:.3g}, {per_epoch:.4g} steps/epoch{flex}")
 
     # ---- one optimizer step ---------------------------------------------------------------------------
     def _forward_backward(self, batch: dict[str, Any], sync: bool, scale: float) -> torch.Tensor:
@@ -491,7 +536,10 @@ class Trainer:
         video = video.to(self.dist.device, non_blocking=True)
         targets = targets.to(self.dist.device, non_blocking=True)
         no_sync = self.dist.distributed and not sync
-        with self.model.no_sync() if no_sync else _null():
+        # The batch's patch size and token grid (flex training; no-op without "shape") stay set through the
+        # backward too: activation checkpointing re-runs blocks there, and they must see the same grid.
+        with self.model.no_sync() if no_sync else _null(), \
+                flex_patch(self.raw_model, batch.get("shape"), self.cfg.flex.kernel_resize):
             with torch.autocast(self.dist.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 logits = self.model(video)
             loss = _soft_ce(logits, targets, smoothing)
@@ -531,7 +579,9 @@ class Trainer:
         """
         t, guard, end = self.cfg.train, _DeferSigchld(self.cfg.train.num_workers > 0), object()
         while True:
-            self.train_sampler.set_epoch(epoch, self.batch_in_epoch * t.batch_size)
+            # The flexible sampler skips whole (variable-size) batches; the plain one skips items.
+            start = self.batch_in_epoch if self.flex_cfg is not None else self.batch_in_epoch * t.batch_size
+            self.train_sampler.set_epoch(epoch, start)
             loader = self._loader(self.train_set, self.train_sampler, t.batch_size, self.drop_last, epoch)
             try:
                 batches = raise_load_errors(loader)
@@ -555,10 +605,15 @@ class Trainer:
     def _retry_batch(self, epoch: int, pos: int) -> dict[str, Any]:
         t = self.cfg.train
         self.train_sampler.set_epoch(epoch, 0)
-        indices = list(self.train_sampler.inner)[pos * t.batch_size:(pos + 1) * t.batch_size]
-        wrapped = ReportBad(self.train_set, t.seed, epoch, self.cfg.data.skip_bad_videos)
+        flex = self.flex_cfg is not None
+        if flex:  # batch pos of the plan: FlexKeys at that batch's shape
+            indices: list[Any] = list(self.train_sampler)[pos]
+        else:
+            indices = list(self.train_sampler.inner)[pos * t.batch_size:(pos + 1) * t.batch_size]
+        wrapped = ReportBad(FlexDataset(self.train_set) if flex else self.train_set, t.seed, epoch,
+                            self.cfg.data.skip_bad_videos)
         loader = DataLoader(wrapped, batch_size=len(indices), sampler=indices, num_workers=1,
-                            collate_fn=collate_report_bad)
+                            collate_fn=collate_flex_report_bad if flex else collate_report_bad)
         try:
             return next(raise_load_errors(loader)) or {"skipped": []}
         except RuntimeError as exc:
@@ -576,6 +631,9 @@ class Trainer:
         from tqdm import tqdm
 
         t, epoch, accum = self.cfg.train, self.epoch, self.cfg.train.accum_steps
+        if self.flex_cfg is not None:  # flexible epochs differ in length (all planned at start-up)
+            self.micro_per_epoch = self._flex_epoch_length(epoch)
+            self.steps_per_epoch = math.ceil(self.micro_per_epoch / accum)
         bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch // accum, unit="step", leave=False,
                    desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (t.progress and self.dist.is_main))
         self.model.train()
