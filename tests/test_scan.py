@@ -63,8 +63,9 @@ CASES = [  # (batch, dim, L, N, D, z, bias, softplus)
     (2, 3, 7, 16, True, True, True, True),
     (1, 5, 1, 16, False, False, False, True),
     (3, 2, 33, 4, True, False, True, False),
-    (2, 4, 70, 16, False, True, False, False),   # L crosses the kernel's 64-step exp block
+    (2, 4, 70, 16, False, True, False, False),
     (1, 3, 5, 3, True, True, False, True),       # odd d_state: the generic (not N=16) kernel
+    (2, 19, 13, 16, True, True, True, True),     # 3 blocks of 8 channels, the last one padded
 ]
 
 
@@ -84,9 +85,10 @@ def test_fast_paths_match_reference(backend, case):
         assert_rel(grads[k], rgrads[k], 1e-5, f"d{k}")
 
 
-@pytest.mark.parametrize("batch,dim,threads", [(3, 5, 4), (5, 2, 2), (1, 7, 3), (2, 1, 5)])
+@pytest.mark.parametrize("batch,dim,threads", [(3, 5, 4), (2, 20, 3), (20, 8, 2), (40, 9, 3), (2, 1, 5)])
 def test_native_threads_split_batches(batch, dim, threads):
-    """Chunks of rows that split a batch between threads must still sum dB and dC exactly once."""
+    """Work units (runs of 8-channel blocks) that split a batch, or span several, must still sum dB and dC
+    exactly once."""
     if "native" not in available_backends():
         pytest.skip("native backend unavailable here")
     x = make_inputs(batch, dim, L=9, N=16)
@@ -100,6 +102,72 @@ def test_native_threads_split_batches(batch, dim, threads):
     assert_rel(out, rout, 1e-5, "out")
     for k in rgrads:
         assert_rel(grads[k], rgrads[k], 1e-5, f"d{k}")
+
+
+@pytest.mark.parametrize("N", [16, 5])
+def test_native_segments_and_checkpoints(monkeypatch, N):
+    """Short segments force the forward's checkpoints and the segment-by-segment backward (L=23: 6 segments)."""
+    if "native" not in available_backends():
+        pytest.skip("native backend unavailable here")
+    monkeypatch.setattr(scan, "_SEGMENT", 4)
+    x = make_inputs(2, 11, 23, N)
+    (out, last), grads = run(x, "native", last=True)
+    (rout, rlast), rgrads = run(x, "ref", last=True)
+    assert_rel(out, rout, 1e-5, "out")
+    assert_rel(last, rlast, 1e-5, "last_state")
+    for k in rgrads:
+        assert_rel(grads[k], rgrads[k], 1e-5, f"d{k}")
+    with torch.no_grad():  # no checkpoints kept without autograd; same numbers
+        torch.testing.assert_close(selective_scan(**detached(x), backend="native"), out, rtol=0, atol=0)
+
+
+def test_native_huge_steps_underflow_like_reference():
+    """Steps so large that exp(dt * A) underflows (arguments down to about -200): the kernel's clamped exp path."""
+    if "native" not in available_backends():
+        pytest.skip("native backend unavailable here")
+    x = make_inputs(2, 10, 12, 16)
+    with torch.no_grad():
+        x["delta"][:, ::2] += 150.0
+    (out, last), grads = run(x, "native", last=True)
+    (rout, rlast), rgrads = run(x, "ref", last=True)
+    assert_rel(out, rout, 1e-5, "out")
+    assert_rel(last, rlast, 1e-5, "last_state")
+    for k in rgrads:
+        assert_rel(grads[k], rgrads[k], 1e-5, f"d{k}")
+
+
+def test_native_long_sequence_against_float64():
+    """Float32 kernel over 700 steps (several default segments, small steps: long memory, so errors of the
+    inlined exp would accumulate) against the float64 reference."""
+    if "native" not in available_backends():
+        pytest.skip("native backend unavailable here")
+    x64 = make_inputs(1, 9, 700, 16, dtype=torch.float64)
+    with torch.no_grad():
+        x64["delta"].sub_(4.0)  # softplus(delta - 4) ~ 0.02: decays close to 1
+    x32 = {k: v.detach().float().requires_grad_() for k, v in x64.items()}
+    (out, last), grads = run(x32, "native", last=True)
+    (rout, rlast), rgrads = run(x64, "ref", last=True)
+    assert_rel(out, rout, 1e-5, "out")
+    assert_rel(last, rlast, 1e-5, "last_state")
+    for k in rgrads:
+        assert_rel(grads[k], rgrads[k], 1e-5, f"d{k}")
+
+
+def test_native_bitwise_same_for_any_thread_count():
+    """Partial sums are folded in a fixed order, whatever the number of threads and their timing."""
+    if "native" not in available_backends():
+        pytest.skip("native backend unavailable here")
+    x = make_inputs(6, 21, 30, 16)
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3, 2):
+            torch.set_num_threads(threads)
+            results.append(run(x, "native"))
+    finally:
+        torch.set_num_threads(before)
+    (a,), ga = results[0]
+    for (b,), gb in results[1:]:
+        assert torch.equal(a, b) and all(torch.equal(ga[k], gb[k]) for k in ga)
 
 
 def test_native_gradcheck_float64():
