@@ -376,10 +376,11 @@ def test_masked_alignment_pretrain_step():
 # ---- recipes ----------------------------------------------------------------------------------------------
 def test_recipes_load_and_name_registered_models():
     from pks4.engine.config import load_config
+    from pks4.engine.pretrain import load_pretrain_config
 
     recipes = sorted(CONFIGS.glob("videomamba_*.yaml"))
     assert len(recipes) >= 10
-    for path in recipes:
-        cfg = load_config(path)
+    for path in recipes:  # fine-tuning recipes are run configs; pretraining recipes have their own sections
+        cfg = load_pretrain_config(path, []) if "pretrain" in path.name else load_config(path)
         assert cfg.model.name in MODELS, path.name
         assert set(cfg.model.overrides) <= {f.name for f in dataclasses.fields(VideoMambaConfig)}, path.name
