@@ -215,3 +215,18 @@ def test_check_dataset_report(videos):
     (root / "good.txt").write_text(f"{names[0]} 0\n{names[2]} 1\n")
     good = check_dataset(root / "good.txt", cfg_for(root))
     assert good.ok and good.to_text().endswith("OK")
+
+
+def test_cache_decoded_gives_the_same_clips(tmp_path):
+    import dataclasses
+
+    from pks4.data.synth import generate_synth
+
+    splits = generate_synth(tmp_path / "s", num_train_per_class=1, num_val_per_class=1, num_frames=8, size=32)
+    cfg = splits.data_config(size=32, short_side=32, num_frames=4)
+    plain = build_dataset(cfg, "val", train=False)
+    cached = build_dataset(dataclasses.replace(cfg, cache_decoded=True), "val", train=False)
+    for i in range(len(plain)):
+        torch.testing.assert_close(cached[i]["video"], plain[i]["video"])
+        torch.testing.assert_close(cached[i]["video"], plain[i]["video"])  # second read: from memory
+    assert len(cached._decoded) == len(plain)

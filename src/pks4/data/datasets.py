@@ -70,6 +70,10 @@ class DataConfig:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     skip_bad_videos: bool = False
+    # Keep every decoded video in memory (uint8) after its first read: for small datasets (the built-in
+    # benchmark: ~240 MB) decoding, not the model, bounds a CPU run. Per process: use with num_workers=0 or
+    # persistent workers.
+    cache_decoded: bool = False
     frame_template: str = "img_{:05d}.jpg"  # raw-frame file names; index i reads template.format(i + start)
     frame_start_index: int = 1
 
@@ -512,6 +516,7 @@ class VideoDataset(Dataset):
         self.train = train
         self.views = views
         self.bad: list[tuple[str, str]] = list(bad or [])
+        self._decoded: dict[str, torch.Tensor] | None = {} if cfg.cache_decoded else None
         self._train_tf = TrainTransform(size=cfg.size, scale=cfg.scale, flip=cfg.flip, flip_pairs=flip_pairs or {},
                                         rand_augment=parse_rand_augment(cfg.rand_augment),
                                         random_erasing=cfg.random_erasing, mean=cfg.mean, std=cfg.std)
@@ -535,12 +540,20 @@ class VideoDataset(Dataset):
             return None
         return {"video": video, "label": label, "index": i}
 
+    def _read(self, sample: Sample, choose: Callable[[int], list[int]]) -> torch.Tensor:
+        if self._decoded is None or sample.num_frames is not None:
+            return _read_clip_frames(sample, self.cfg, choose)
+        if sample.path not in self._decoded:
+            self._decoded[sample.path] = read_sampled(sample.path, lambda total: list(range(total)))[0]
+        every = self._decoded[sample.path]
+        return every[torch.as_tensor(choose(len(every)), dtype=torch.long)]
+
     def _load(self, sample: Sample) -> tuple[torch.Tensor, int]:
         if self.train:
-            frames = _read_clip_frames(sample, self.cfg, _sampler(self.cfg, self.cfg.num_frames, True, 1))
+            frames = self._read(sample, _sampler(self.cfg, self.cfg.num_frames, True, 1))
             return self._train_tf(frames, sample.label)
         views = self.views or ViewSpec(self.cfg.num_frames, 1, 1)
-        frames = _read_clip_frames(sample, self.cfg, _sampler(self.cfg, views.frames, False, views.clips))
+        frames = self._read(sample, _sampler(self.cfg, views.frames, False, views.clips))
         video = _eval_views(frames, views, self.cfg.size, self.cfg)
         return (video if self.views is not None else video[0]), sample.label
 
