@@ -162,7 +162,7 @@ def sample_params(rng: np.random.Generator, kind: str, num_frames: int, size: in
     if kind in ("translate_x", "translate_y"):
         r = float(rng.uniform(5, 7)) * s
     elif kind == "rotate":
-        r = float(rng.uniform(12, 16)) * s
+        r = float(rng.uniform(18, 22)) * s  # the marker's orbit must span patches, or direction is invisible
     r0 = r1 = r
     vx = vy = 0.0
     if kind == "scale":
@@ -318,7 +318,7 @@ def generate_synth(
     """
     root = Path(out_dir)
     settings = dict(seed=seed, num_train_per_class=num_train_per_class, num_val_per_class=num_val_per_class,
-                    num_frames=num_frames, size=size, fps=fps, classes=list(CLASSES), version=2)
+                    num_frames=num_frames, size=size, fps=fps, classes=list(CLASSES), version=3)
     splits = SynthSplits(root, root / "train.txt", root / "val.txt", root / "classes.txt",
                          root / "flip_pairs.txt", len(CLASSES), size)
     manifest = root / "manifest.json"

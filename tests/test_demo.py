@@ -1,0 +1,20 @@
+"""`pks4 demo` end to end at a toy size: data generation, both trainings (the parallel option), report files."""
+import json
+
+from pks4.cli import main
+
+
+def test_demo_writes_its_report(tmp_path):
+    out = tmp_path / "demo"
+    code = main(["demo", "--out", str(out),
+                 "--set", "synth.num_train_per_class=2", "--set", "synth.num_val_per_class=1",
+                 "--set", "synth.num_frames=8", "--set", "synth.size=32",
+                 "--set", "run.train.epochs=1", "--set", "run.train.progress=false", "--set", "parallel=true"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) >= {"pks4", "baseline", "seconds", "views"}
+    for key in ("pks4", "baseline"):
+        assert 0.0 <= report[key]["top1"] <= 100.0
+        assert report[key]["samples"] == 10  # one validation clip per class
+    assert (out / "report.md").is_file() and (out / "report.png").stat().st_size > 0
+    assert report["pks4"]["model"] == "pks4_vit_tiny" and report["baseline"]["model"] == "vit_tiny_avgpool"
