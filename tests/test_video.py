@@ -172,3 +172,25 @@ def test_read_raw_frames_without_pillow(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL now fails: PyAV decodes the images
     out = read_raw_frames(d, [1], template="img_{:05d}.png")
     assert int(out[0, 0, 0, 0]) == 30
+
+
+def test_decoding_in_a_forked_process_after_the_parent_decoded(tmp_path):
+    # the parent's cached scaler must not be reused across fork (its threads do not exist in the child)
+    import multiprocessing
+
+    from pks4.data.synth import write_video
+    from pks4.data.video import read_frames
+
+    path = tmp_path / "v.mp4"
+    write_video(path, np.zeros((4, 32, 32, 3), dtype=np.uint8), fps=4)
+    read_frames(path, [0, 1])
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        result = pool.apply_async(_frames_shape, (str(path),))
+        assert result.get(timeout=60) == (2, 32, 32, 3)
+
+
+def _frames_shape(path):
+    from pks4.data.video import read_frames
+
+    return tuple(read_frames(path, [0, 1]).shape)

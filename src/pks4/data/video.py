@@ -123,17 +123,22 @@ def _rotate(img: np.ndarray, rotation: int) -> np.ndarray:
 
 
 _REFORMATTERS = threading.local()
+_INHERITED: list = []
 
 
 def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
     """RGB uint8 (H, W, 3) with rotation metadata applied; grayscale and odd sizes convert here.
 
-    The conversion goes through one reformatter per thread: ``frame.to_ndarray(format=...)`` builds a new
-    swscale context for every frame, which costs ~8 ms even for a 64x64 frame (about 90x the conversion).
+    The conversion goes through one reformatter per thread and process: ``frame.to_ndarray(format=...)``
+    builds a new swscale context for every frame, which costs ~8 ms even for a 64x64 frame (about 90x the
+    conversion); a context inherited through fork hangs, as its worker threads do not exist in the child.
     """
-    reformatter = getattr(_REFORMATTERS, "value", None)
-    if reformatter is None:
-        reformatter = _REFORMATTERS.value = VideoReformatter()
+    owner, reformatter = getattr(_REFORMATTERS, "value", (None, None))
+    if owner != os.getpid():  # a forked data-loader worker must not use its parent's (threaded) scaler...
+        if reformatter is not None:
+            _INHERITED.append(reformatter)  # ...nor free it: freeing waits for threads the child does not have
+        reformatter = VideoReformatter()
+        _REFORMATTERS.value = (os.getpid(), reformatter)
     img = reformatter.reformat(frame, format="rgb24").to_ndarray()
     rotation = getattr(frame, "rotation", 0) or 0
     return _rotate(img, rotation)
