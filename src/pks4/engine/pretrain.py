@@ -46,7 +46,7 @@ from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import (ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig, apply_overrides,
                                 build_section, config_to_dict, format_config)
 from pks4.engine.optim import CosineWarmup, build_optimizer, scaled_lr
-from pks4.engine.train import (Log, MetricsLog, ReportBad, ResumableSampler, StopFlag, TrainingError,
+from pks4.engine.train import (Log, MetricsLog, _null, ReportBad, ResumableSampler, StopFlag, TrainingError,
                                amp_dtype_for, build_model, collate_report_bad, plot_curves, raise_load_errors,
                                seed_everything, setup_distributed)
 from pks4.models.clip_vit import CLIP_VIT_B16, CLIP_VIT_L14, CLIP_VIT_TINY, CLIPVisionTransformer
@@ -432,8 +432,3 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, log: Log = print) -
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
-
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()

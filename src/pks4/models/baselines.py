@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from pks4.layers.posembed import resize_temporal_pos_embed
-from pks4.models.clip_vit import CLIP_VIT_B16, CLIPVisionConfig, CLIPVisionTransformer
+from pks4.models.clip_vit import CLIP_VIT_B16, CLIPVisionConfig, CLIPVisionTransformer, ClipVideoHooks
 from pks4.models.pks4_variants import TINY_BACKBONE
 from pks4.models.registry import ModelSpec
 
@@ -65,7 +65,7 @@ class STAdapterConfig:
             raise ValueError(f"adapter_kernel_t must be odd (same-length output), got {self.adapter_kernel_t}")
 
 
-class _ClipVideoModel(nn.Module):
+class _ClipVideoModel(ClipVideoHooks, nn.Module):
     """What both baselines share: the CLIP tower, the linear head and the engine-facing interface."""
 
     def __init__(self, cfg: JointViTConfig | STAdapterConfig, model_name: str) -> None:
@@ -81,44 +81,6 @@ class _ClipVideoModel(nn.Module):
         self.head = nn.Linear(cfg.backbone.output_dim or cfg.backbone.width, cfg.num_classes)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
-
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.backbone.layers
-
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 5 or x.shape[2] != 3:
-            raise ValueError(f"{self.model_name} expects clips (B, T, 3, H, W), got {tuple(x.shape)}")
-
-    def forward_head(self, feat: Tensor) -> Tensor:
-        return self.head(self.head_drop(feat))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.backbone.set_grad_checkpointing(enable)
-
-    def no_weight_decay(self) -> set[str]:
-        names = {"backbone.class_embedding", "backbone.positional_embedding"}
-        return names | {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
-
-    def is_new_parameter(self, name: str) -> bool:
-        """Parameters that do not come from the image checkpoint."""
-        return not name.startswith("backbone.")
-
-    def layer_id(self, name: str) -> int:
-        """Layer-wise LR decay depth, as for PKS4: embeddings 0, block i -> i + 1, everything else last."""
-        if name.startswith(("backbone.conv1", "backbone.class_embedding", "backbone.positional_embedding",
-                            "backbone.ln_pre")):
-            return 0
-        if name.startswith("backbone.transformer.resblocks."):
-            return int(name.split(".")[3]) + 1
-        return self.num_layers + 1
 
 
 class JointSpaceTimeViT(_ClipVideoModel):

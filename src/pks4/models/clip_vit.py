@@ -22,6 +22,7 @@ __all__ = [
     "CLIP_VIT_B16",
     "CLIP_VIT_L14",
     "CLIP_VIT_TINY",
+    "ClipVideoHooks",
 ]
 
 
@@ -152,3 +153,50 @@ class CLIPVisionTransformer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode_image(images)
 
+
+
+class ClipVideoHooks:
+    """The engine-facing interface shared by the video classifiers built on this tower (PKS4, the frame-average,
+    joint-attention and ST-Adapter baselines). The class using it sets ``config`` (with ``backbone`` and
+    ``num_classes``), ``model_name``, ``backbone`` (this tower), ``head_drop`` and ``head``, and defines
+    ``forward_features``."""
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.backbone.layers
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 5 or x.shape[2] != 3:
+            raise ValueError(f"{self.model_name} expects clips (B, T, 3, H, W), got {tuple(x.shape)}")
+
+    def forward_head(self, feat: torch.Tensor) -> torch.Tensor:
+        """The linear classifier on the pooled clip feature (PKS4 Eq. 9)."""
+        return self.head(self.head_drop(feat))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        names = {"backbone.class_embedding", "backbone.positional_embedding"}
+        return names | {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
+
+    def is_new_parameter(self, name: str) -> bool:
+        """Parameters that do not come from the image backbone (inserted modules, adapters, the head)."""
+        return not name.startswith("backbone.")
+
+    def layer_id(self, name: str) -> int:
+        """Depth for layer-wise LR decay (PKS4 §3.5.2): embeddings 0, block i -> i + 1, the rest (ln_post, proj,
+        inserted modules, the head) num_layers + 1, i.e. exempt from decay."""
+        if name.startswith(("backbone.conv1", "backbone.class_embedding", "backbone.positional_embedding",
+                            "backbone.ln_pre")):
+            return 0
+        if name.startswith("backbone.transformer.resblocks."):
+            return int(name.split(".")[3]) + 1
+        return self.num_layers + 1

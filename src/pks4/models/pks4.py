@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pks4.layers.vit import LayerNorm
-from pks4.models.clip_vit import CLIP_VIT_B16, CLIPVisionConfig, CLIPVisionTransformer
+from pks4.models.clip_vit import CLIP_VIT_B16, CLIPVisionConfig, CLIPVisionTransformer, ClipVideoHooks
 from pks4.ssm.mixer import MambaMixer
 
 CLS_ROUTES = ("t1d", "tsm", "tokenshift", "none")
@@ -299,7 +299,7 @@ class PKS4Module(nn.Module):
 
 
 # ---- the model -----------------------------------------------------------------------------------------------
-class PKS4Model(nn.Module):
+class PKS4Model(ClipVideoHooks, nn.Module):
     """CLIP ViT + one PKS4 module + temporal average pooling + linear head. Input (B, T, 3, H, W)."""
 
     def __init__(self, cfg: PKS4Config, model_name: str = "pks4") -> None:
@@ -322,18 +322,6 @@ class PKS4Model(nn.Module):
         loaded = load_pretrained_backbone(path, image_size=self.config.backbone.image_size)
         self.backbone.load_state_dict(loaded.state_dict())
 
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.backbone.layers
-
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 5 or x.shape[2] != 3:
-            raise ValueError(f"{self.model_name} expects clips (B, T, 3, H, W), got {tuple(x.shape)}")
-
     def frame_features(self, x: Tensor) -> Tensor:
         """x (B, T, 3, H, W) -> per-frame features v_t (B, T, D) (§3.1 'video-level prediction')."""
         self._check_input(x)
@@ -352,32 +340,3 @@ class PKS4Model(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Pooled clip feature (B, D): temporal average of the frame features (Eq. 8)."""
         return self.frame_features(x).mean(dim=1)
-
-    def forward_head(self, feat: Tensor) -> Tensor:
-        """Eq. 9: linear classifier."""
-        return self.head(self.head_drop(feat))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    # ---- what the engine asks of every model ----------------------------------------------------------------
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.backbone.set_grad_checkpointing(enable)
-
-    def no_weight_decay(self) -> set[str]:
-        names = {"backbone.class_embedding", "backbone.positional_embedding"}
-        return names | {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
-
-    def is_new_parameter(self, name: str) -> bool:
-        """Parameters that do not come from the image backbone: the inserted module and the head."""
-        return not name.startswith("backbone.")
-
-    def layer_id(self, name: str) -> int:
-        """Depth for layer-wise LR decay (§3.5.2): embeddings 0, block i -> i + 1, the rest (ln_post, proj,
-        the inserted module, head) num_layers + 1, i.e. exempt from decay."""
-        if name.startswith(("backbone.conv1", "backbone.class_embedding", "backbone.positional_embedding",
-                            "backbone.ln_pre")):
-            return 0
-        if name.startswith("backbone.transformer.resblocks."):
-            return int(name.split(".")[3]) + 1
-        return self.num_layers + 1
