@@ -321,8 +321,9 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     return build_section(RunConfig, values)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML recipe (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+def load_section(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Config dataclass ``cls`` from a YAML file (or its defaults when ``path`` is None), then ``--set``
+    overrides; every error names the file and the key."""
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -334,13 +335,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not valid YAML ({exc})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
-        try:
-            cfg = config_from_dict(values)
-        except ConfigError as exc:
-            raise ConfigError(f"{p}: {exc}") from None
-    else:
-        cfg = RunConfig()
+    try:
+        cfg = build_section(cls, values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
     return apply_overrides(cfg, list(overrides or []))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML recipe (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    return load_section(RunConfig, path, overrides)
 
 
 def format_config(cfg: Any) -> str:

@@ -37,14 +37,13 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
 from pks4.data.datasets import DataConfig
 from pks4.engine import checkpoint as ckpt
-from pks4.engine.config import (ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig, apply_overrides,
-                                build_section, config_to_dict, format_config)
+from pks4.engine.config import (ModelConfig, OptimConfig, RunConfig, TrainConfig,
+                                config_to_dict, format_config, load_section)
 from pks4.engine.optim import CosineWarmup, build_optimizer, scaled_lr
 from pks4.engine.train import (Log, MetricsLog, _null, ReportBad, ResumableSampler, StopFlag, TrainingError,
                                amp_dtype_for, build_model, collate_report_bad, plot_curves, raise_load_errors,
@@ -96,22 +95,7 @@ class PretrainConfig:
 
 def load_pretrain_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
     """A YAML recipe (or the defaults when ``path`` is None) with ``key=value`` overrides, type-checked."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
-    try:
-        cfg = build_section(PretrainConfig, values)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
-    return apply_overrides(cfg, list(overrides or []))
+    return load_section(PretrainConfig, path, overrides)
 
 
 def _run_view(cfg: PretrainConfig) -> RunConfig:
