@@ -91,10 +91,12 @@ def test_sigkill_at_random_step_then_resume_auto_is_bitwise_equal(data, tmp_path
     finally:
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"kill_at={kill_at}: {out}"
+    # A kill that lands while the first checkpoint is written leaves nothing valid: then the run starts over.
+    resumable = ckpt.find_latest(run, log=lambda msg: None) is not None
     capsys.readouterr()
     assert main(_argv(data, run, "--resume", "auto")) == 0
     printed = capsys.readouterr()
-    assert "resumed from" in printed.out, printed
+    assert ("resumed from" in printed.out) == resumable, printed
     diff = _bitwise_equal(reference, _weights(run, 10))
     assert not diff, f"killed at step >= {kill_at} (seen {seen}): {len(diff)} tensors differ, e.g. {diff[:3]}"
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000009", "step-00000010"]  # keep_last=2
