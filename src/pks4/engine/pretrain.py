@@ -47,7 +47,7 @@ from pks4.engine.config import (ModelConfig, OptimConfig, RunConfig, TrainConfig
 from pks4.engine.optim import CosineWarmup, build_optimizer, scaled_lr
 from pks4.engine.train import (Log, MetricsLog, _null, ReportBad, ResumableSampler, StopFlag, TrainingError,
                                amp_dtype_for, build_model, collate_report_bad, plot_curves, raise_load_errors,
-                               seed_everything, setup_distributed)
+                               restore_loop_state, seed_everything, setup_distributed)
 from pks4.models.clip_vit import CLIP_VIT_B16, CLIP_VIT_L14, CLIP_VIT_TINY, CLIPVisionTransformer
 from pks4.models.videomamba import FLIP_SCANS, VideoMamba
 from pks4.models.videomamba_pretrain import MaskedAlignmentStudent, masked_alignment_loss
@@ -363,16 +363,8 @@ class Pretrainer:
         tensors, _ = ckpt.read_weights(path / ckpt.WEIGHTS_FILE)
         ckpt.load_weights_into(self.student.model, tensors, str(path / ckpt.WEIGHTS_FILE))
         ckpt.load_weights_into(self.student.decoder, state["decoder"], f"{path / ckpt.STATE_FILE} [decoder]")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        self.global_step, self.last_loss = int(state["global_step"]), state.get("last_loss")
-        self.skipped = list(dict.fromkeys(list(state.get("skipped", [])) + self.skipped))
-        rngs = state["rng"]
-        ckpt.set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
-        self.log(f"resumed from {path} (epoch {self.epoch + 1}, batch {self.batch_in_epoch}, "
-                 f"step {self.global_step})")
+        self.last_loss = state.get("last_loss")
+        restore_loop_state(self, state, path)
 
     # ---- the run ------------------------------------------------------------------------------------------
     def fit(self) -> PretrainResult:

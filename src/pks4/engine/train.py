@@ -785,17 +785,9 @@ class Trainer:
         state = ckpt.verify_checkpoint(path)
         tensors, _ = ckpt.read_weights(path / ckpt.WEIGHTS_FILE)
         ckpt.load_weights_into(self.raw_model, tensors, str(path / ckpt.WEIGHTS_FILE))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        self.global_step, self.best_top1 = int(state["global_step"]), state["best_top1"]
-        self.skipped = _merge(list(state.get("skipped", [])), self.skipped)
+        self.best_top1 = state["best_top1"]
         self.nan_skipped = [int(s) for s in state.get("nan_skipped", [])]
-        rngs = state["rng"]
-        ckpt.set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
-        self.log(f"resumed from {path} (epoch {self.epoch + 1}, batch {self.batch_in_epoch}, "
-                 f"step {self.global_step})")
+        restore_loop_state(self, state, path)
 
     # ---- the run ------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -849,6 +841,21 @@ class Trainer:
 def _merge(*lists: list[str]) -> list[str]:
     """Concatenate, dropping repeats but keeping the first-seen order."""
     return list(dict.fromkeys(x for lst in lists for x in lst))
+
+
+def restore_loop_state(loop: Any, state: dict[str, Any], path: Path) -> None:
+    """Put a resumed loop (``Trainer`` or the pretraining loop) back where its checkpoint ``state`` left it:
+    optimizer, schedule, loss scaler, epoch / batch / step, the skipped-file list and this rank's RNG."""
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.scheduler.load_state_dict(state["scheduler"])
+    loop.scaler.load_state_dict(state["scaler"])
+    loop.epoch, loop.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+    loop.global_step = int(state["global_step"])
+    loop.skipped = _merge(list(state.get("skipped", [])), loop.skipped)
+    rngs = state["rng"]
+    ckpt.set_rng_state(rngs[loop.dist.rank] if loop.dist.rank < len(rngs) else rngs[0])
+    loop.log(f"resumed from {path} (epoch {loop.epoch + 1}, batch {loop.batch_in_epoch}, "
+             f"step {loop.global_step})")
 
 
 def train(cfg: RunConfig, resume: str | None = None, log: Log = print) -> TrainResult:
