@@ -20,6 +20,13 @@ def test_param_counts_b16():
     assert count_parameters(st) == 86_192_640 + 12 * per_adapter + 89_262
 
 
+def test_stadapter_l14_matches_table1():
+    st = _meta("stadapter_vit_l14")
+    per_adapter = 1024 * 384 + 384 + 384 * 3 + 384 + 384 * 1024 + 1024
+    head = 768 * 174 + 174
+    assert count_parameters(st, trainable_only=True) == 24 * per_adapter + head  # 19.08M; PKS4 Table 1: "20M"
+
+
 def _frame_average_tiny():
     return create_model("vit_tiny_avgpool").eval()
 

@@ -148,3 +148,19 @@ def test_cli_json(capsys):
                               "--dataset-size", str(SSV2_CLIPS), "--no-attention-flops", "--json"])
     assert args.func(args) == 0
     assert json.loads(capsys.readouterr().out)["training_eflops"] == pytest.approx(2.9521, rel=0.03)
+
+
+def test_saved_activations_count_what_autograd_keeps():
+    from pks4.engine.profile import saved_activation_bytes
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    x = torch.randn(8, 16)
+    # input of layer 1 (8x16) + tanh output shared with layer 2's input (8x32) + log-softmax output (8x4), float32;
+    # weights are not activations; the loss's targets add a few bytes
+    expected = 4 * (8 * 16 + 8 * 32 + 8 * 4)
+    assert expected <= saved_activation_bytes(m, x) <= expected + 128
+    m[0].requires_grad_(False)  # a frozen first layer needs no copy of its input: the adapter baselines' saving
+    assert expected - 4 * 8 * 16 <= saved_activation_bytes(m, x) <= expected - 4 * 8 * 16 + 128
+    m.requires_grad_(False)
+    assert saved_activation_bytes(m, x) == 0

@@ -55,7 +55,8 @@ from pks4.data.sampling import ViewSpec, parse_views
 __all__ = [
     "FlopConvention", "FlopReport", "count_flops", "profile_model", "training_compute", "attention_macs",
     "scan_macs", "correlation_macs", "register_cpu_attention_formulas", "add_profile_parser", "run_profile",
-    "build_model", "native_size", "PeakMemory", "time_call", "train_step_fn", "TRAINING_FLOP_MULTIPLIER",
+    "build_model", "native_size", "PeakMemory", "time_call", "train_step_fn", "saved_activation_bytes",
+    "TRAINING_FLOP_MULTIPLIER",
 ]
 
 TRAINING_FLOP_MULTIPLIER = 6.0  # PKS4 Table 2: "6 x forward FLOPs per training clip"
@@ -398,6 +399,37 @@ def train_step_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward pass of one training forward (model + cross-entropy): every tensor
+    an op saves, counted once per storage, parameters left out.
+
+    This is the activation memory the PKS4 paper's section 4.3.1 argues about, measured exactly and on any
+    device: it does not include the weights, their gradients and optimizer state (computable from the parameter
+    counts) or short-lived workspace. It is linear in the batch size, so a measurement at a small batch scales to
+    the paper's batch (benchmarks/train_memory.py checks the linearity).
+    """
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    was_training = model.training
+    model.train()
+    labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    try:
+        # the graph holds every packed tensor until `loss` dies, so no storage is freed and reused meanwhile
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = F.cross_entropy(model(x), labels)
+        del loss
+    finally:
+        model.train(was_training)
+    return sum(saved.values())
+
+
 # ---- the profile --------------------------------------------------------------------------------------------
 def _params(model: nn.Module) -> dict[str, Any]:
     per_module = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
@@ -434,7 +466,8 @@ def profile_model(model: nn.Module, frames: int | None = None, size: int | None 
     Keys (stable): ``params, trainable_params, params_per_module, gflops_per_view, gflops_total`` (x clips x
     crops), ``gflops_per_module``, ``latency_ms`` (median of ``repeats`` forward passes after ``warmup``),
     ``throughput`` (clips/s), ``peak_mem_mb`` (inference), and with ``train`` ``train_latency_ms,
-    train_throughput, train_peak_mem_mb`` (one forward + backward + AdamW step). Timing keys are None with
+    train_throughput, train_peak_mem_mb`` (one forward + backward + AdamW step) and ``train_activation_mb``
+    (what autograd saves for the backward, see :func:`saved_activation_bytes`). Timing keys are None with
     ``timing=False`` or on the meta device.
     """
     if isinstance(views, str):
@@ -450,13 +483,14 @@ def profile_model(model: nn.Module, frames: int | None = None, size: int | None 
                            "gflops_per_module": {k: v / 1e9 for k, v in flops.per_module.items()},
                            "flop_convention": {f.name: getattr(convention, f.name) for f in fields(convention)}}
     keys = ["latency_ms", "throughput", "peak_mem_mb"]
-    out.update(dict.fromkeys(keys + ["train_" + k for k in keys] if train else keys))
+    out.update(dict.fromkeys(keys + ["train_" + k for k in keys] + ["train_activation_mb"] if train else keys))
     device = next(model.parameters()).device
     if timing and device.type != "meta":
         x = torch.randn(batch, frames, 3, size, size, device=device)
         out.update(_measure(model, x, False, warmup, repeats))
         if train:
             out.update({"train_" + k: v for k, v in _measure(model, x, True, warmup, repeats).items()})
+            out["train_activation_mb"] = saved_activation_bytes(model, x) / 2**20
     return out
 
 
@@ -513,6 +547,8 @@ def _format_text(r: dict[str, Any]) -> str:
         if r.get(prefix + "latency_ms") is not None:
             lines.append(f"{label:<18}{r[prefix + 'latency_ms']:.1f} ms  {r[prefix + 'throughput']:.2f} clips/s  "
                          f"peak memory +{r[prefix + 'peak_mem_mb']:.0f} MiB")
+    if r.get("train_activation_mb") is not None:
+        lines.append(f"{'saved activations':<18}{r['train_activation_mb']:.0f} MiB (kept for the backward pass)")
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from pks4.layers.posembed import resize_temporal_pos_embed
-from pks4.models.clip_vit import CLIP_VIT_B16, CLIPVisionConfig, CLIPVisionTransformer, ClipVideoHooks
+from pks4.models.clip_vit import CLIP_VIT_B16, CLIP_VIT_L14, CLIPVisionConfig, CLIPVisionTransformer, ClipVideoHooks
 from pks4.models.pks4_variants import TINY_BACKBONE
 from pks4.models.registry import ModelSpec
 
@@ -165,6 +165,8 @@ MODELS = {
                                 "tiny joint space-time attention ViT"),
     "stadapter_vit_b16": ModelSpec(STAdapterViT, STAdapterConfig, dict(backbone=CLIP_VIT_B16, adapter_dim=384),
                                    "ST-Adapter (depthwise 3D-conv adapter in every block) on frozen CLIP ViT-B/16"),
+    "stadapter_vit_l14": ModelSpec(STAdapterViT, STAdapterConfig, dict(backbone=CLIP_VIT_L14, adapter_dim=384),
+                                   "ST-Adapter on frozen CLIP ViT-L/14 (19.1M trainable; PKS4 Table 1: 20M)"),
     "stadapter_vit_tiny": ModelSpec(STAdapterViT, STAdapterConfig,
                                     dict(backbone=TINY_BACKBONE, adapter_dim=64, num_classes=10),
                                     "tiny ST-Adapter ViT"),
