@@ -117,6 +117,7 @@ def test_motion_direction_matches_class_name(label, axis, sign):
 @pytest.mark.parametrize("label, turn", [(6, 1), (7, -1)])
 def test_rotation_direction_matches_class_name(label, turn):
     params = sample_params(np.random.default_rng(11), "rotate", 8, 64)
+    assert params.shape == "dial"  # a disc whose hand (marker colour) runs from the centre to the rim
     clip = render_clip(label, params, 8, 64)
     angles = []
     for frame in clip:
