@@ -2,15 +2,19 @@
 
 A small PKS4 (CLIP-style ViT + KPE variation + KS4) is trained twice from the same initialisation:
 
-* **static**: every batch at the native (T0, H0, p0) = (8 frames, 64 px, patch 16), a 4 x 4 token grid;
-* **static tokens** (StretchySnake §4.2, mode 3): T from {4, 8, 16}, H from {32, 48, 64, 96}, patch flexed
+* **static**: every batch at the native (T0, H0, p0) = (8 frames, 32 px, patch 8), a 4 x 4 token grid;
+* **static tokens** (StretchySnake §4.2, mode 3): T from {4, 8, 16}, H from {24, 32, 48, 64}, patch flexed
   to H / 4 so the grid stays 4 x 4; batches scaled to keep tokens per batch constant.
+
+The model is the demo's tiny PKS4 (configs/demo.yaml: 3 blocks of width 64, module after block 0, 3 x 3
+correlation window), the configuration measured to learn this benchmark from scratch on a CPU.
 
 Both stop at the same number of training tokens (steps x tokens per step). Both are then evaluated on the
 validation clips over frames x sizes (the shape of the paper's Table 1): the static model with its stored
 patch (the grid follows the size), the flexible one with the static-tokens patch (and, for comparison, with
 the stored patch as the paper does). Clips are rendered in memory with ``pks4.data.synth`` (16 frames at
-96 px) and resampled per cell: frames uniformly, pixels by antialiased bilinear resize.
+64 px, the benchmark's native size) and resampled per cell: frames uniformly, pixels by antialiased bilinear
+resize.
 
     .venv/bin/python benchmarks/flex.py            # writes benchmarks/flex.md and benchmarks/flex_*.png
 """
@@ -37,29 +41,35 @@ from pks4.models.registry import create_model
 
 HERE = Path(__file__).resolve().parent
 MODEL = "pks4_vit_tiny"
-# Small enough for a few hundred CPU steps: 2 blocks of width 64, module after block 1, no correlation branch,
-# 16 px patches on 64 px frames (a 4 x 4 grid: 16 tokens per frame).
-MODEL_OVERRIDES = dict(width=64, heads=1, layers=2, insert_layer=1, output_dim=64, use_corr=False, patch_size=16)
-T0, H0, P0 = 8, 64, 16
+# The demo's model (configs/demo.yaml): 8 px patches on 32 px frames, a 4 x 4 grid of 16 tokens per frame.
+MODEL_OVERRIDES = dict(image_size=32, patch_size=8, width=64, heads=2, layers=3, output_dim=64, insert_layer=0,
+                       zero_init_residual=False, corr_window=3)
+T0, H0, P0 = 8, 32, 8
+SOURCE_SIZE = 64  # clips are rendered once at the benchmark's native size
 
 
 class SynthClips(Dataset):
-    """In-memory synthetic clips (N, T_src, S, S, 3) uint8 served at (frames, size): {"video", "label", "index"}."""
+    """In-memory synthetic clips (N, T_src, S, S, 3) uint8 served at (frames, size): {"video", "label", "index"}.
 
-    def __init__(self, videos: torch.Tensor, labels: torch.Tensor, frames: int, size: int) -> None:
-        self.videos, self.labels, self.frames, self.size = videos, labels, frames, size
+    Segment sampling as in the demo: a random frame inside each of the ``frames`` segments with ``train``, the
+    segment centres otherwise."""
+
+    def __init__(self, videos: torch.Tensor, labels: torch.Tensor, frames: int, size: int,
+                 train: bool = False) -> None:
+        self.videos, self.labels, self.frames, self.size, self.train = videos, labels, frames, size, train
         self.mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
     def with_shape(self, frames: int, size: int) -> "SynthClips":
-        return SynthClips(self.videos, self.labels, frames, size)
+        return SynthClips(self.videos, self.labels, frames, size, self.train)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
         src = self.videos[i]  # (T_src, S, S, 3)
-        idx = ((torch.arange(self.frames) + 0.5) * src.shape[0] / self.frames).long()  # segment centres
+        offset = torch.rand(self.frames) if self.train else torch.full((self.frames,), 0.5)
+        idx = ((torch.arange(self.frames) + offset) * src.shape[0] / self.frames).long().clamp(max=len(src) - 1)
         clip = src[idx].permute(0, 3, 1, 2).float() / 255.0  # (T, 3, S, S)
         if clip.shape[-1] != self.size:
             clip = F.interpolate(clip, size=(self.size, self.size), mode="bilinear", antialias=True,
@@ -116,14 +126,14 @@ def train(model: torch.nn.Module, data: SynthClips, cfg: FlexConfig, base_batch:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=300, help="static-model steps; fixes the token budget")
-    ap.add_argument("--batch", type=int, default=16, help="clips per static batch (T0 = 8, 64 px)")
-    ap.add_argument("--train-per-class", type=int, default=40)
-    ap.add_argument("--val-per-class", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=1500, help="static-model steps; fixes the token budget")
+    ap.add_argument("--batch", type=int, default=16, help=f"clips per static batch (T0 = {T0}, {H0} px)")
+    ap.add_argument("--train-per-class", type=int, default=120)
+    ap.add_argument("--val-per-class", type=int, default=12)
     ap.add_argument("--paper-eval", action="store_true",
                     help="also evaluate the flexible model with the stored patch (the paper's protocol)")
     ap.add_argument("--frames", default="4,8,16")
-    ap.add_argument("--sizes", default="32,48,64,96")
+    ap.add_argument("--sizes", default="24,32,48,64")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -134,8 +144,8 @@ def main() -> None:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
 
     tic = time.perf_counter()
-    src_t, src_s = max(frames), max(sizes)
-    train_set = SynthClips(*render_split(args.seed, 0, args.train_per_class, src_t, src_s), T0, H0)
+    src_t, src_s = max(frames), SOURCE_SIZE
+    train_set = SynthClips(*render_split(args.seed, 0, args.train_per_class, src_t, src_s), T0, H0, train=True)
     val_set = SynthClips(*render_split(args.seed, 1, args.val_per_class, src_t, src_s), T0, H0)
     log(f"rendered {len(train_set)} train / {len(val_set)} val clips ({src_t} x {src_s} px) in "
         f"{time.perf_counter() - tic:.0f} s")
@@ -163,19 +173,21 @@ def main() -> None:
 
 
 def write_report(out: Path, results: dict[str, GridResult], runs: dict, configs: dict, args, seconds: float) -> None:
-    titles = {"static__native": "Static training (T0 = 8, 64 px, patch 16); evaluated with patch 16",
+    patches = ", ".join(str(s // (H0 // P0)) for s in sorted({int(x) for x in args.sizes.split(",")}))
+    titles = {"static__native": f"Static training (T0 = {T0}, {H0} px, patch {P0}); evaluated with patch {P0}",
               "static_tokens__static_tokens": "Static-tokens training; evaluated with the static-tokens patch "
-                                              "(H / 4: 8, 12, 16, 24 px)",
-              "static_tokens__native": "Static-tokens training; evaluated with the stored patch 16 (the paper's "
+                                              f"(H / {H0 // P0}: {patches} px)",
+              "static_tokens__native": f"Static-tokens training; evaluated with the stored patch {P0} (the paper's "
                                        "evaluation protocol)"}
     command = " ".join(["    .venv/bin/python benchmarks/flex.py", *sys.argv[1:]])
     lines = ["# StretchySnake: static vs static-tokens training on the built-in temporal benchmark", "",
              "Reproduce (wall time at the end of this file):", "", command, "",
              f"Model: `{MODEL}` with {MODEL_OVERRIDES}; 10 classes (5 time-reversed pairs), "
-             f"{args.train_per_class * 10} training / {args.val_per_class * 10} validation clips rendered at 16 "
-             f"frames x 96 px and resampled per cell. Same initialisation and token budget for both runs "
-             f"({args.steps} static steps of {args.batch} clips x 8 frames x 16 tokens). Validation top-1 (%); "
-             f"bold cells were seen in training; chance is 10%.", ""]
+             f"{args.train_per_class * 10} training / {args.val_per_class * 10} validation clips rendered at "
+             f"{max(int(t) for t in args.frames.split(','))} frames x {SOURCE_SIZE} px and resampled per cell. Same "
+             f"initialisation and token budget for both runs ({args.steps} static steps of {args.batch} clips x "
+             f"{T0} frames x {(H0 // P0) ** 2} tokens). Validation top-1 (%); bold cells were seen in training; "
+             f"chance is 10%.", ""]
     for name, run in runs.items():
         lines.append(f"- {name}: {run['steps']} steps, {run['tokens']:,} tokens, {run['seconds']:.0f} s")
     lines.append("")
