@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,9 +225,21 @@ def test_cache_decoded_gives_the_same_clips(tmp_path):
 
     splits = generate_synth(tmp_path / "s", num_train_per_class=1, num_val_per_class=1, num_frames=8, size=32)
     cfg = splits.data_config(size=32, short_side=32, num_frames=4)
+    from pks4.data import datasets
+
+    datasets.clear_decoded_cache()
     plain = build_dataset(cfg, "val", train=False)
     cached = build_dataset(dataclasses.replace(cfg, cache_decoded=True), "val", train=False)
     for i in range(len(plain)):
         torch.testing.assert_close(cached[i]["video"], plain[i]["video"])
         torch.testing.assert_close(cached[i]["video"], plain[i]["video"])  # second read: from memory
-    assert len(cached._decoded) == len(plain)
+    assert len(datasets._DECODED) == len(plain)
+    again = build_dataset(dataclasses.replace(cfg, cache_decoded=True), "val", train=False)
+    torch.testing.assert_close(again[0]["video"], plain[0]["video"])
+    assert len(datasets._DECODED) == len(plain)  # a second dataset on the same files decodes nothing
+    # a file rewritten in place is decoded again, not served stale
+    victim = Path(plain.samples[0].path)
+    other = Path(plain.samples[1].path)
+    victim.write_bytes(other.read_bytes())
+    torch.testing.assert_close(again[0]["video"], plain[1]["video"])
+    datasets.clear_decoded_cache()

@@ -41,6 +41,29 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpe
 _HEADER_WORDS = {"path", "label", "video", "filename", "file", "class", "class_id", "label_id", "total_frames",
                  "frames", "name", "id"}
 _MAX_LISTED = 20  # problems shown per error message; the count of the rest follows
+# Videos decoded under DataConfig.cache_decoded, shared by every dataset of the process (the demo trains two
+# models on the same files: each is decoded once). The key holds size and modification time, so a file rewritten
+# in place is decoded again. Cleared by clear_decoded_cache().
+_DECODED: dict[tuple[str, int, int], torch.Tensor] = {}
+
+
+def clear_decoded_cache() -> None:
+    """Drop every video kept by ``DataConfig.cache_decoded`` in this process."""
+    _DECODED.clear()
+
+
+def _decoded_video(path: str) -> torch.Tensor:
+    def every_frame() -> torch.Tensor:
+        return read_sampled(path, lambda total: list(range(total)))[0]
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return every_frame()  # raises the decoder's error, which names the file and the problem
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _DECODED:
+        _DECODED[key] = every_frame()
+    return _DECODED[key]
 
 
 @dataclass
@@ -71,8 +94,8 @@ class DataConfig:
     std: tuple[float, float, float] = CLIP_STD
     skip_bad_videos: bool = False
     # Keep every decoded video in memory (uint8) after its first read: for small datasets (the built-in
-    # benchmark: ~240 MB) decoding, not the model, bounds a CPU run. Per process: use with num_workers=0 or
-    # persistent workers.
+    # benchmark: ~570 MB) decoding, not the model, bounds a CPU run. One cache per process, shared by its
+    # datasets: use with num_workers=0 or persistent workers.
     cache_decoded: bool = False
     frame_template: str = "img_{:05d}.jpg"  # raw-frame file names; index i reads template.format(i + start)
     frame_start_index: int = 1
@@ -516,7 +539,6 @@ class VideoDataset(Dataset):
         self.train = train
         self.views = views
         self.bad: list[tuple[str, str]] = list(bad or [])
-        self._decoded: dict[str, torch.Tensor] | None = {} if cfg.cache_decoded else None
         self._train_tf = TrainTransform(size=cfg.size, scale=cfg.scale, flip=cfg.flip, flip_pairs=flip_pairs or {},
                                         rand_augment=parse_rand_augment(cfg.rand_augment),
                                         random_erasing=cfg.random_erasing, mean=cfg.mean, std=cfg.std)
@@ -541,11 +563,9 @@ class VideoDataset(Dataset):
         return {"video": video, "label": label, "index": i}
 
     def _read(self, sample: Sample, choose: Callable[[int], list[int]]) -> torch.Tensor:
-        if self._decoded is None or sample.num_frames is not None:
+        if not self.cfg.cache_decoded or sample.num_frames is not None:
             return _read_clip_frames(sample, self.cfg, choose)
-        if sample.path not in self._decoded:
-            self._decoded[sample.path] = read_sampled(sample.path, lambda total: list(range(total)))[0]
-        every = self._decoded[sample.path]
+        every = _decoded_video(sample.path)
         return every[torch.as_tensor(choose(len(every)), dtype=torch.long)]
 
     def _load(self, sample: Sample) -> tuple[torch.Tensor, int]:
