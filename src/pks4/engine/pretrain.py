@@ -45,9 +45,10 @@ from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import (ModelConfig, OptimConfig, RunConfig, TrainConfig,
                                 config_to_dict, format_config, load_section)
 from pks4.engine.optim import CosineWarmup, build_optimizer, scaled_lr
-from pks4.engine.train import (Log, MetricsLog, _null, ReportBad, ResumableSampler, StopFlag, TrainingError,
-                               amp_dtype_for, build_model, collate_report_bad, plot_curves, raise_load_errors,
-                               restore_loop_state, seed_everything, setup_distributed)
+from pks4.engine.train import (Log, MetricsLog, _null, ReportBad, ResumableSampler, StopFlag, TrainingError, agree,
+                               amp_dtype_for, build_model, collate_report_bad, optimizer_step, plot_curves,
+                               raise_load_errors, restore_loop_state, resume_dir, save_loop_checkpoint,
+                               seed_everything, setup_distributed)
 from pks4.models.clip_vit import CLIP_VIT_B16, CLIP_VIT_L14, CLIP_VIT_TINY, CLIPVisionTransformer
 from pks4.models.videomamba import FLIP_SCANS, VideoMamba
 from pks4.models.videomamba_pretrain import MaskedAlignmentStudent, masked_alignment_loss
@@ -249,24 +250,6 @@ class Pretrainer:
             self.scaler.scale(loss * scale).backward()
         return loss.detach().float()
 
-    def _optimizer_step(self) -> None:
-        clip = self.cfg.optim.clip_grad
-        if clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in self.student.parameters() if p.grad is not None], clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.global_step += 1
-
-    def _all_ranks(self, flag: bool) -> bool:
-        if not self.dist.distributed:
-            return flag
-        t = torch.tensor([float(flag)], device=self.dist.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
     def _train_epoch(self, stop: StopFlag) -> str | None:
         """Run the rest of epoch ``self.epoch``; return a stop status, or None when the epoch completed."""
         t, epoch, accum = self.cfg.train, self.epoch, self.cfg.train.accum_steps
@@ -286,12 +269,12 @@ class Pretrainer:
                 clips += len(batch["video"]) * self.dist.world_size
             if not group_end:
                 continue
-            if self._all_ranks(any(not torch.isfinite(x) for x in losses)):
+            if agree(self.dist, any(not torch.isfinite(x) for x in losses))[0]:
                 raise TrainingError(f"non-finite alignment loss at epoch {epoch + 1}, step {self.global_step + 1} "
                                     f"(batch {i + 1} of the epoch); lower optim.lr or enable optim.clip_grad, "
                                     "then resume from the latest checkpoint")
             lr = self.scheduler.get_lr()
-            self._optimizer_step()
+            optimizer_step(self, self.student.parameters())
             if losses:
                 self.last_loss = float(torch.stack(losses).mean())
             if self.global_step % t.log_every == 0 or i + 1 == self.micro_per_epoch:
@@ -310,7 +293,7 @@ class Pretrainer:
         return None
 
     def _stop_status(self, stop: StopFlag) -> str | None:
-        if self._all_ranks(stop.signum is not None):
+        if agree(self.dist, stop.signum is not None)[0]:
             return "interrupted"
         limit = self.cfg.train.stop_after_steps
         return "stopped" if limit is not None and self.global_step >= limit else None
@@ -325,37 +308,14 @@ class Pretrainer:
                 "objective": "masked_alignment"}
 
     def _save(self) -> Path:
-        rngs = [ckpt.rng_state()]
-        if self.dist.distributed:
-            rngs = [None] * self.dist.world_size
-            dist.all_gather_object(rngs, ckpt.rng_state())
-        path = self.run_dir / "checkpoints" / f"step-{self.global_step:08d}"
-        if self.dist.is_main:
-            decoder = {k: v.detach().cpu().clone() for k, v in self.student.decoder.state_dict().items()}
-            state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
-                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "scaler": self.scaler.state_dict(), "rng": rngs, "decoder": decoder,
-                     "last_loss": self.last_loss, "world_size": self.dist.world_size, "skipped": list(self.skipped),
-                     "best_top1": None}
-            ckpt.save_checkpoint(path, self.student.model, state, self._metadata())
-            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
-        if self.dist.distributed:
-            dist.barrier()
-        return path
+        decoder = {k: v.detach().cpu().clone() for k, v in self.student.decoder.state_dict().items()}
+        return save_loop_checkpoint(self, self.student.model, self._metadata(), decoder=decoder,
+                                    last_loss=self.last_loss, best_top1=None)
 
     def _resume(self, resume: str) -> None:
-        if resume == "auto":
-            if self.dist.is_main:
-                ckpt.sweep_leftovers(self.run_dir)
-            if self.dist.distributed:
-                dist.barrier()
-            path = ckpt.find_latest(self.run_dir, log=self.log)
-            if path is None:
-                self.log(f"--resume auto: no checkpoint in {self.run_dir}, starting from scratch")
-                return
-        else:
-            path = Path(resume)
-            path = path if (path / ckpt.STATE_FILE).is_file() else ckpt.resolve_checkpoint(path).parent
+        path = resume_dir(self, resume)
+        if path is None:
+            return
         state = ckpt.verify_checkpoint(path)
         if "decoder" not in state:
             raise ckpt.CheckpointError(f"{path / ckpt.STATE_FILE}: no alignment decoder: not a `pks4 pretrain` "

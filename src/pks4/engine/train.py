@@ -546,27 +546,6 @@ class Trainer:
             self.scaler.scale(loss * scale).backward()
         return loss.detach()
 
-    def _optimizer_step(self) -> float | None:
-        clip = self.cfg.optim.clip_grad
-        norm = None
-        if clip:
-            self.scaler.unscale_(self.optimizer)
-            params = [p for p in self.raw_model.parameters() if p.grad is not None]
-            norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.global_step += 1
-        return norm
-
-    def _agree(self, *flags: bool) -> list[bool]:
-        """All ranks see the same stop / error decision (any rank raising it is enough)."""
-        if not self.dist.distributed:
-            return list(flags)
-        t = torch.tensor([float(f) for f in flags], device=self.dist.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
 
     # ---- epochs -----------------------------------------------------------------------------------------
     def _batches(self, epoch: int) -> Iterator[dict[str, Any] | None]:
@@ -653,14 +632,14 @@ class Trainer:
             if not group_end:
                 continue
             bad_grad = not bad and not self.scaler.is_enabled() and not self._grads_finite()
-            bad, bad_grad, want_stop = self._agree(bad, bad_grad, stop.signum is not None)
+            bad, bad_grad, want_stop = agree(self.dist, bad, bad_grad, stop.signum is not None)
             lr = self.scheduler.get_lr()
             if bad or bad_grad:
                 self._non_finite(epoch, i, "loss" if bad else "gradients", losses)
                 norm = None
             else:
                 self._nan_streak = 0
-                norm = self._optimizer_step()
+                norm = optimizer_step(self, self.raw_model.parameters())
             rate = clips / max(1e-9, time.perf_counter() - tic)
             mean_loss = sum(losses) / max(1, len(losses))
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}")
@@ -734,54 +713,13 @@ class Trainer:
                 "config": config_to_dict(self.cfg)}
 
     def _save(self, best: bool = False) -> Path:
-        rngs = [ckpt.rng_state()]
-        if self.dist.distributed:
-            rngs = [None] * self.dist.world_size
-            dist.all_gather_object(rngs, ckpt.rng_state())
-        path = self.run_dir / "checkpoints" / f"step-{self.global_step:08d}"
-        if self.dist.is_main:
-            state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
-                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "scaler": self.scaler.state_dict(), "rng": rngs, "best_top1": self.best_top1,
-                     "world_size": self.dist.world_size, "skipped": list(self.skipped),
-                     "nan_skipped": list(self.nan_skipped)}
-            ckpt.save_checkpoint(path, self.raw_model, state, self._metadata())
-            if best:
-                ckpt.save_best(self.run_dir, path)
-            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
-        if self.dist.distributed:
-            dist.barrier()
-        return path
-
-    @staticmethod
-    def _resume_dir(path: Path) -> Path:
-        """A checkpoint directory (or a file inside one), or a run directory (-> its latest valid one)."""
-        if path.is_file() and path.name in (ckpt.STATE_FILE, ckpt.WEIGHTS_FILE):
-            return path.parent
-        if (path / ckpt.STATE_FILE).is_file():
-            return path
-        if (path / "checkpoints").is_dir():
-            latest = ckpt.find_latest(path)
-            if latest is None:
-                raise ckpt.CheckpointError(f"{path}: run directory has no valid checkpoint to resume from")
-            return latest
-        what = "no such file or directory" if not path.exists() else "not a checkpoint directory"
-        raise ckpt.CheckpointError(f"{path}: {what}; --resume takes 'auto', a checkpoint directory (holding "
-                                   f"{ckpt.WEIGHTS_FILE} and {ckpt.STATE_FILE}) or a run directory; to start "
-                                   "from a weights file set model.init_from instead")
+        return save_loop_checkpoint(self, self.raw_model, self._metadata(), best=best, best_top1=self.best_top1,
+                                    nan_skipped=list(self.nan_skipped))
 
     def _resume(self, resume: str) -> None:
-        if resume == "auto":
-            if self.dist.is_main:  # half-written folders of a killed save
-                ckpt.sweep_leftovers(self.run_dir)
-            if self.dist.distributed:
-                dist.barrier()
-            path = ckpt.find_latest(self.run_dir, log=self.log)
-            if path is None:
-                self.log(f"--resume auto: no checkpoint in {self.run_dir}, starting from scratch")
-                return
-        else:
-            path = self._resume_dir(Path(resume))
+        path = resume_dir(self, resume)
+        if path is None:
+            return
         state = ckpt.verify_checkpoint(path)
         tensors, _ = ckpt.read_weights(path / ckpt.WEIGHTS_FILE)
         ckpt.load_weights_into(self.raw_model, tensors, str(path / ckpt.WEIGHTS_FILE))
@@ -841,6 +779,86 @@ class Trainer:
 def _merge(*lists: list[str]) -> list[str]:
     """Concatenate, dropping repeats but keeping the first-seen order."""
     return list(dict.fromkeys(x for lst in lists for x in lst))
+
+
+# ---- what the training and pretraining loops share ------------------------------------------------------------
+# A "loop" is a Trainer or a Pretrainer: it has cfg, dist, log, run_dir, optimizer, scheduler, scaler, epoch,
+# batch_in_epoch, global_step and skipped.
+def agree(d: DistInfo, *flags: bool) -> list[bool]:
+    """Every rank gets the same stop / error decisions (one rank raising a flag is enough)."""
+    if not d.distributed:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def optimizer_step(loop: Any, parameters: Iterable[nn.Parameter]) -> float | None:
+    """Unscale and clip (``optim.clip_grad``), step, advance the schedule; the gradient norm when clipped."""
+    clip, norm = loop.cfg.optim.clip_grad, None
+    if clip:
+        loop.scaler.unscale_(loop.optimizer)
+        norm = float(torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], clip))
+    loop.scaler.step(loop.optimizer)
+    loop.scaler.update()
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.scheduler.step()
+    loop.global_step += 1
+    return norm
+
+
+def save_loop_checkpoint(loop: Any, model: nn.Module, metadata: dict[str, Any], best: bool = False,
+                         **extra_state: Any) -> Path:
+    """Write ``step-N`` (weights of ``model`` + the loop's state + ``extra_state``) on the main rank, every
+    rank's RNG gathered into it; mark it best, prune old ones; all ranks return once it is on disk."""
+    rngs = [ckpt.rng_state()]
+    if loop.dist.distributed:
+        rngs = [None] * loop.dist.world_size
+        dist.all_gather_object(rngs, ckpt.rng_state())
+    path = loop.run_dir / "checkpoints" / f"step-{loop.global_step:08d}"
+    if loop.dist.is_main:
+        state = {"epoch": loop.epoch, "batch_in_epoch": loop.batch_in_epoch, "global_step": loop.global_step,
+                 "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
+                 "scaler": loop.scaler.state_dict(), "rng": rngs, "world_size": loop.dist.world_size,
+                 "skipped": list(loop.skipped), **extra_state}
+        ckpt.save_checkpoint(path, model, state, metadata)
+        if best:
+            ckpt.save_best(loop.run_dir, path)
+        ckpt.prune_checkpoints(loop.run_dir, loop.cfg.train.keep_last)
+    if loop.dist.distributed:
+        dist.barrier()
+    return path
+
+
+def checkpoint_dir(path: Path) -> Path:
+    """A checkpoint directory (or a file inside one), or a run directory (-> its latest valid one)."""
+    if path.is_file() and path.name in (ckpt.STATE_FILE, ckpt.WEIGHTS_FILE):
+        return path.parent
+    if (path / ckpt.STATE_FILE).is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        latest = ckpt.find_latest(path)
+        if latest is None:
+            raise ckpt.CheckpointError(f"{path}: run directory has no valid checkpoint to resume from")
+        return latest
+    what = "no such file or directory" if not path.exists() else "not a checkpoint directory"
+    raise ckpt.CheckpointError(f"{path}: {what}; --resume takes 'auto', a checkpoint directory (holding "
+                               f"{ckpt.WEIGHTS_FILE} and {ckpt.STATE_FILE}) or a run directory; to start "
+                               "from a weights file set model.init_from instead")
+
+
+def resume_dir(loop: Any, resume: str) -> Path | None:
+    """The checkpoint ``--resume`` names; for "auto" the latest valid one of the run (None: start afresh)."""
+    if resume != "auto":
+        return checkpoint_dir(Path(resume))
+    if loop.dist.is_main:  # half-written folders of a killed save
+        ckpt.sweep_leftovers(loop.run_dir)
+    if loop.dist.distributed:
+        dist.barrier()
+    path = ckpt.find_latest(loop.run_dir, log=loop.log)
+    if path is None:
+        loop.log(f"--resume auto: no checkpoint in {loop.run_dir}, starting from scratch")
+    return path
 
 
 def restore_loop_state(loop: Any, state: dict[str, Any], path: Path) -> None:
