@@ -416,15 +416,9 @@ def _install_videomamba(vm: nn.Module, patch: int, grid: int | None, method: str
         w = proj.weight if patch == c.patch_size else resize_patch_kernel(proj.weight, patch, method)
         clip = fit_to_grid(x, (gh, gw), patch).transpose(1, 2).to(w.dtype)  # (B, C, T, H, W)
         tokens = F.conv3d(clip, w, proj.bias, stride=(c.tubelet, patch, patch))  # (B, D, n_t, h, w)
-        b, d, n_t = tokens.shape[:3]
+        n_t = tokens.shape[2]
         tokens = tokens.flatten(2).transpose(1, 2)  # 'b d t h w -> b (t h w) d', spatial-first
-        pos, cls_pos = vm._pos_tokens(n_t, (gh, gw), tokens.dtype)
-        if pos is not None:
-            tokens = tokens + pos
-        cls = vm.cls_token.to(tokens.dtype)
-        if cls_pos is not None:
-            cls = cls + cls_pos
-        return torch.cat([cls.expand(b, -1, -1), tokens], dim=1), (n_t, gh, gw)
+        return vm.with_positions_and_cls(tokens, n_t, (gh, gw)), (n_t, gh, gw)
 
     vm.embed = embed
 

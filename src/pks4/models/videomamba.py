@@ -356,13 +356,18 @@ class VideoMamba(nn.Module):
         tokens = self.patch_embed(x.transpose(1, 2).to(weight.dtype))  # (B, n_t, h, w, D)
         b, n_t, gh, gw, d = tokens.shape
         tokens = tokens.reshape(b, n_t * gh * gw, d)  # spatial-first: frame after frame
-        pos, cls_pos = self._pos_tokens(n_t, (gh, gw), tokens.dtype)
+        return self.with_positions_and_cls(tokens, n_t, (gh, gw)), (n_t, gh, gw)
+
+    def with_positions_and_cls(self, tokens: Tensor, n_t: int, grid: tuple[int, int]) -> Tensor:
+        """Patch tokens (B, n_t*h*w, D), spatial-first -> position embeddings added, CLS token (with its own
+        position, where the configuration has one) in front: (B, 1 + n_t*h*w, D)."""
+        pos, cls_pos = self._pos_tokens(n_t, grid, tokens.dtype)
         if pos is not None:
             tokens = tokens + pos
         cls = self.cls_token.to(tokens.dtype)
         if cls_pos is not None:
             cls = cls + cls_pos
-        return torch.cat([cls.expand(b, -1, -1), tokens], dim=1), (n_t, gh, gw)
+        return torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
 
     # ---- blocks -----------------------------------------------------------------------------------------
     def scan_plans(self, n_t: int, n_s: int, device: torch.device, visible_only: bool = False) -> list[_ScanPlan]:
