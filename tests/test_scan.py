@@ -41,6 +41,16 @@ def assert_rel(actual, expected, tol, what):
     assert err <= tol * scale, f"{what}: max error {err:.3g} exceeds {tol} x max |ref| {scale:.3g}"
 
 
+def assert_matches(got, ref, tol=1e-5):
+    """Two ``run`` results (outputs, gradients): a fast path's against the reference's, within ``tol``."""
+    (outs, grads), (routs, rgrads) = got, ref
+    for name, o, r in zip(("out", "last_state"), outs, routs):
+        assert_rel(o.cpu(), r, tol, name)
+    assert grads.keys() == rgrads.keys()
+    for k in rgrads:
+        assert_rel(grads[k].cpu(), rgrads[k], tol, f"d{k}")
+
+
 def fast_backends():
     return [b for b in ("native", "loop") if b in available_backends()]
 
@@ -76,13 +86,7 @@ def test_fast_paths_match_reference(backend, case):
         pytest.skip(f"backend {backend} unavailable here")
     batch, dim, L, N, D, z, bias, softplus = case
     x = make_inputs(batch, dim, L, N, D=D, z=z, bias=bias)
-    (out, last), grads = run(x, backend, softplus, last=True)
-    (rout, rlast), rgrads = run(x, "ref", softplus, last=True)
-    assert_rel(out, rout, 1e-5, "out")
-    assert_rel(last, rlast, 1e-5, "last_state")
-    assert grads.keys() == rgrads.keys()
-    for k in rgrads:
-        assert_rel(grads[k], rgrads[k], 1e-5, f"d{k}")
+    assert_matches(run(x, backend, softplus, last=True), run(x, "ref", softplus, last=True))
 
 
 @pytest.mark.parametrize("batch,dim,threads", [(3, 5, 4), (2, 20, 3), (20, 8, 2), (40, 9, 3), (2, 1, 5)])
@@ -95,13 +99,10 @@ def test_native_threads_split_batches(batch, dim, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        (out,), grads = run(x, "native")
+        got = run(x, "native")
     finally:
         torch.set_num_threads(before)
-    (rout,), rgrads = run(x, "ref")
-    assert_rel(out, rout, 1e-5, "out")
-    for k in rgrads:
-        assert_rel(grads[k], rgrads[k], 1e-5, f"d{k}")
+    assert_matches(got, run(x, "ref"))
 
 
 @pytest.mark.parametrize("N", [16, 5])
@@ -111,12 +112,9 @@ def test_native_segments_and_checkpoints(monkeypatch, N):
         pytest.skip("native backend unavailable here")
     monkeypatch.setattr(scan, "_SEGMENT", 4)
     x = make_inputs(2, 11, 23, N)
-    (out, last), grads = run(x, "native", last=True)
-    (rout, rlast), rgrads = run(x, "ref", last=True)
-    assert_rel(out, rout, 1e-5, "out")
-    assert_rel(last, rlast, 1e-5, "last_state")
-    for k in rgrads:
-        assert_rel(grads[k], rgrads[k], 1e-5, f"d{k}")
+    got = run(x, "native", last=True)
+    assert_matches(got, run(x, "ref", last=True))
+    (out, _), _ = got
     with torch.no_grad():  # no checkpoints kept without autograd; same numbers
         torch.testing.assert_close(selective_scan(**detached(x), backend="native"), out, rtol=0, atol=0)
 
@@ -128,12 +126,7 @@ def test_native_huge_steps_underflow_like_reference():
     x = make_inputs(2, 10, 12, 16)
     with torch.no_grad():
         x["delta"][:, ::2] += 150.0
-    (out, last), grads = run(x, "native", last=True)
-    (rout, rlast), rgrads = run(x, "ref", last=True)
-    assert_rel(out, rout, 1e-5, "out")
-    assert_rel(last, rlast, 1e-5, "last_state")
-    for k in rgrads:
-        assert_rel(grads[k], rgrads[k], 1e-5, f"d{k}")
+    assert_matches(run(x, "native", last=True), run(x, "ref", last=True))
 
 
 def test_native_long_sequence_against_float64():
@@ -145,12 +138,7 @@ def test_native_long_sequence_against_float64():
     with torch.no_grad():
         x64["delta"].sub_(4.0)  # softplus(delta - 4) ~ 0.02: decays close to 1
     x32 = {k: v.detach().float().requires_grad_() for k, v in x64.items()}
-    (out, last), grads = run(x32, "native", last=True)
-    (rout, rlast), rgrads = run(x64, "ref", last=True)
-    assert_rel(out, rout, 1e-5, "out")
-    assert_rel(last, rlast, 1e-5, "last_state")
-    for k in rgrads:
-        assert_rel(grads[k], rgrads[k], 1e-5, f"d{k}")
+    assert_matches(run(x32, "native", last=True), run(x64, "ref", last=True))
 
 
 def test_native_bitwise_same_for_any_thread_count():
@@ -239,19 +227,11 @@ def test_missing_compiler_falls_back_once(monkeypatch, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_auto_path_matches_reference():
     x = {k: v.detach().cuda().requires_grad_() for k, v in make_inputs(2, 3, 20, 16).items()}
-    (out,), grads = run(x, "auto")
     xc = {k: v.detach().cpu().requires_grad_() for k, v in x.items()}
-    (rout,), rgrads = run(xc, "ref")
-    assert_rel(out.cpu(), rout, 1e-5, "out")
-    for k in rgrads:
-        assert_rel(grads[k].cpu(), rgrads[k], 1e-5, f"d{k}")
+    assert_matches(run(x, "auto"), run(xc, "ref"))
 
 
 @pytest.mark.skipif(os.environ.get("PKS4_TEST_COMPILE") != "1", reason="torch.compile takes minutes; opt in")
 def test_compiled_loop_matches_reference():
     x = make_inputs(2, 3, 20, 16)
-    (out,), grads = run(x, "compile")
-    (rout,), rgrads = run(x, "ref")
-    assert_rel(out, rout, 1e-5, "out")
-    for k in rgrads:
-        assert_rel(grads[k], rgrads[k], 1e-5, f"d{k}")
+    assert_matches(run(x, "compile"), run(x, "ref"))
