@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pks4.data.synth import generate_synth
+from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import load_config
 from pks4.engine.train import Trainer, TrainingError, amp_dtype_for, resolve_classes
 
@@ -68,3 +69,42 @@ def test_non_finite_loss_stops_naming_the_step(data, tmp_path):
                       log=lambda m: None)
     with pytest.raises(TrainingError, match=r"not finite\) at epoch 1, step 2"):
         trainer.fit()
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+EMA = ("train.ema_decay=0.8", "train.epochs=2", "optim.warmup_epochs=0")
+
+
+def test_training_with_ema_saves_the_average_and_resume_continues_both(data, tmp_path):
+    full = Trainer(_cfg(data, tmp_path / "full", *EMA), log=lambda m: None)
+    result = full.fit()
+    assert result.global_step == 10 and full.ema.updates == 10  # 2 epochs of 20 clips / 4
+    assert full.eval_model is full.ema.module
+    # the weights file (what eval / predict / init_from read) holds the average; the state keeps the trained ones
+    tensors, _ = ckpt.read_weights(result.checkpoint / ckpt.WEIGHTS_FILE)
+    assert _equal(tensors, full.ema.state_dict())
+    assert _equal(ckpt.read_state(result.checkpoint)["train_weights"], full.raw_model.state_dict())
+    assert not _equal(tensors, full.raw_model.state_dict())
+    model, _, _ = ckpt.load_model_from_checkpoint(result.checkpoint)
+    assert _equal(model.state_dict(), tensors)
+
+    # stopped after 3 steps, then resumed: the trained weights and the average both match the straight run
+    Trainer(_cfg(data, tmp_path / "cut", *EMA, "train.stop_after_steps=3"), log=lambda m: None).fit()
+    messages = []
+    resumed = Trainer(_cfg(data, tmp_path / "cut", *EMA), resume="auto", log=messages.append)
+    assert resumed.ema.updates == 3
+    resumed.fit()
+    assert _equal(resumed.raw_model.state_dict(), full.raw_model.state_dict())
+    assert _equal(resumed.ema.state_dict(), full.ema.state_dict())
+
+
+def test_resuming_a_run_without_an_average_starts_one(data, tmp_path):
+    Trainer(_cfg(data, tmp_path / "run", "train.stop_after_steps=2"),
+            log=lambda m: None).fit()
+    messages = []
+    resumed = Trainer(_cfg(data, tmp_path / "run", *EMA), resume="auto", log=messages.append)
+    assert any("holds no weight average" in m for m in messages)
+    assert resumed.ema.updates == 0 and _equal(resumed.ema.state_dict(), resumed.raw_model.state_dict())

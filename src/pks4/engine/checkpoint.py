@@ -36,7 +36,7 @@ __all__ = [
     "CheckpointError", "WEIGHTS_FILE", "STATE_FILE", "save_checkpoint", "read_state", "read_weights",
     "verify_checkpoint", "list_checkpoints", "find_latest", "resolve_checkpoint", "prune_checkpoints",
     "save_best", "unwrap", "rng_state", "set_rng_state", "load_weights_into", "load_model_from_checkpoint",
-    "describe_partial_load", "read_any_weights", "sweep_leftovers",
+    "describe_partial_load", "read_any_weights", "sweep_leftovers", "plain_state_dict",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -108,7 +108,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of ``model``'s tensors (unwrapped from DDP), safe to write and to keep beside training."""
     module = unwrap(model)
     # clone: safetensors refuses tensors that share storage (tied weights, views)
     return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
@@ -127,7 +128,7 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, state: dict[str, Any
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     weights = tmp / WEIGHTS_FILE
-    save_file(_plain_state_dict(model), str(weights),
+    save_file(plain_state_dict(model), str(weights),
               metadata={"format": "pks4", **{k: json.dumps(v) for k, v in metadata.items()}})
     _fsync_file(weights)
     full_state = {**state, **metadata, "format": 1, "weights_sha256": _sha256(weights),

@@ -98,6 +98,10 @@ class TrainConfig:
     max_nan_skips: int = 20
     progress: bool = True
     tensorboard: bool = True
+    # Exponential moving average of the weights (pks4.engine.ema), e.g. 0.999: evaluation, the best checkpoint
+    # and the saved weights use the average; None = off. ema_warmup shortens the window early in a run.
+    ema_decay: Optional[float] = None
+    ema_warmup: bool = True
 
     def __post_init__(self) -> None:
         # Caught here, a zero batch or a negative epoch count is one clear line instead of a crash mid-run.
@@ -107,6 +111,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ValueError(f"train.{name}={value}; expected an integer >= {low}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay={self.ema_decay}; expected a number strictly between 0 and 1 "
+                             "(e.g. 0.999), or null to turn the average off")
 
 
 @dataclass

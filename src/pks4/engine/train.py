@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from pks4.data.video import DataError
 from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import RunConfig, config_to_dict, format_config
+from pks4.engine.ema import WeightEMA
 from pks4.engine.infer import compute_metrics, confusion_matrix, evaluate, save_confusion_matrix
 from pks4.engine.optim import CosineWarmup, build_optimizer, scaled_lr
 from pks4.flex import FlexBatchSampler, FlexDataset, flex_collate, flex_patch, resolve_flex_config
@@ -245,8 +246,10 @@ class ReportBad(Dataset):
 
     def __getitem__(self, i: int | Any) -> dict[str, Any]:
         with torch.random.fork_rng(devices=[]):
-            # a FlexKey (flexible training) names its item by .index: the same seed at every sampled shape
-            torch.manual_seed(item_seed(self.seed, self.epoch, int(getattr(i, "index", i))))
+            # a FlexKey (flexible training) names its item by .index: the same seed at every sampled shape.
+            # Only the CPU generator: torch.manual_seed would also (re)seed every accelerator, outside what
+            # fork_rng restores, and costs more than a millisecond per item.
+            torch.default_generator.manual_seed(item_seed(self.seed, self.epoch, int(getattr(i, "index", i))))
             try:
                 item = self.inner[i]
             except DataError as exc:
@@ -434,6 +437,8 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids)
         self._setup_data()
         self._setup_optim()
+        t = cfg.train
+        self.ema = WeightEMA(self.raw_model, t.ema_decay, t.ema_warmup) if t.ema_decay is not None else None
         self.amp_dtype = amp_dtype_for(cfg.train.amp, self.dist.device, cfg.train.cpu_amp)
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.amp_dtype == torch.float16)
         self.epoch = self.batch_in_epoch = self.global_step = 0
@@ -640,6 +645,8 @@ class Trainer:
             else:
                 self._nan_streak = 0
                 norm = optimizer_step(self, self.raw_model.parameters())
+                if self.ema is not None:
+                    self.ema.update(self.raw_model)
             rate = clips / max(1e-9, time.perf_counter() - tic)
             mean_loss = sum(losses) / max(1, len(losses))
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}")
@@ -691,9 +698,15 @@ class Trainer:
             self.skipped.append(str(path))
             self.log(f"skipped unreadable video: {path}")
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is evaluated and saved as the run's weights: the weight average when train.ema_decay is set.
+
+        The unwrapped model: evaluation needs no gradient sync, and ranks may see different batch counts."""
+        return self.ema.module if self.ema is not None else self.raw_model
+
     def _evaluate(self) -> dict[str, float]:
-        # The unwrapped model: evaluation needs no gradient sync, and ranks may see different batch counts.
-        out = evaluate(self.raw_model, raise_load_errors(self.val_loader), amp_dtype=self.amp_dtype)
+        out = evaluate(self.eval_model, raise_load_errors(self.val_loader), amp_dtype=self.amp_dtype)
         metrics = compute_metrics(out.probs, out.labels, len(self.classes))
         if self.dist.is_main:
             cm = confusion_matrix(out.probs.argmax(1), out.labels, len(self.classes))
@@ -701,7 +714,8 @@ class Trainer:
                                   self.run_dir / "confusion_matrix.png")
         self.metrics.write("val", self.global_step, epoch=self.epoch, samples=len(out.labels), **metrics)
         self.log(f"epoch {self.epoch}: val top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  "
-                 f"mean-class {metrics['mean_class']:.2f}  ({len(out.labels)} clips)")
+                 f"mean-class {metrics['mean_class']:.2f}  ({len(out.labels)} clips"
+                 f"{', EMA weights' if self.ema is not None else ''})")
         return metrics
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
@@ -713,8 +727,13 @@ class Trainer:
                 "config": config_to_dict(self.cfg)}
 
     def _save(self, best: bool = False) -> Path:
-        return save_loop_checkpoint(self, self.raw_model, self._metadata(), best=best, best_top1=self.best_top1,
-                                    nan_skipped=list(self.nan_skipped))
+        extra: dict[str, Any] = {}
+        if self.ema is not None:
+            # The weights file holds the average (what eval, predict and init_from read); the state file keeps
+            # the trained weights, which --resume continues from.
+            extra = {"train_weights": ckpt.plain_state_dict(self.raw_model), "ema_updates": self.ema.updates}
+        return save_loop_checkpoint(self, self.eval_model, self._metadata(), best=best, best_top1=self.best_top1,
+                                    nan_skipped=list(self.nan_skipped), **extra)
 
     def _resume(self, resume: str) -> None:
         path = resume_dir(self, resume)
@@ -722,7 +741,15 @@ class Trainer:
             return
         state = ckpt.verify_checkpoint(path)
         tensors, _ = ckpt.read_weights(path / ckpt.WEIGHTS_FILE)
-        ckpt.load_weights_into(self.raw_model, tensors, str(path / ckpt.WEIGHTS_FILE))
+        trained = state.get("train_weights")  # present when the run kept a weight average
+        ckpt.load_weights_into(self.raw_model, trained if trained is not None else tensors,
+                               str(path / (ckpt.STATE_FILE if trained is not None else ckpt.WEIGHTS_FILE)))
+        if self.ema is not None:
+            if trained is not None:
+                self.ema.load_state_dict(tensors, state.get("ema_updates", 0))
+            else:  # the checkpoint had no average: start one from its weights
+                self.ema.load_state_dict(self.raw_model.state_dict(), 0)
+                self.log(f"{path} holds no weight average; train.ema_decay starts one from its weights")
         self.best_top1 = state["best_top1"]
         self.nan_skipped = [int(s) for s in state.get("nan_skipped", [])]
         restore_loop_state(self, state, path)
