@@ -53,7 +53,7 @@ def main() -> None:
     (out / "ladder.json").write_text(json.dumps(rows, indent=1))
     lines = ["# PKS4 Table 5 ladder on the built-in temporal benchmark", "",
              f"Model `{base.name}` ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()}),"
-             f" demo recipe, views {cfg.views}; overrides: {args.set or 'none'}.", "",
+             f" demo recipe, views {cfg.eval_views()}; overrides: {args.set or 'none'}.", "",
              "| method | params | top-1 (%) | top-5 (%) | train+eval s |", "|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['params'] / 1e6:.3f}M | {r['top1']:.1f} | {r['top5']:.1f} | {r['seconds']:.0f} |"
               for r in rows]

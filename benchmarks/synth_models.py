@@ -50,7 +50,7 @@ def run_model(cfg: DemoConfig, name: str, splits: Any, out: Path, orders: list[s
     seconds = time.perf_counter() - start
     row: dict[str, Any] = {"model": name, "train_steps": result.global_step, "train_seconds": round(seconds, 1)}
     for order in orders:
-        metrics = evaluate_checkpoint(out / name, views=cfg.views, num_workers=cfg.run.train.num_workers,
+        metrics = evaluate_checkpoint(out / name, views=cfg.eval_views(), num_workers=cfg.run.train.num_workers,
                                       frame_order=order, out_dir=out / name if order == "sequential" else None)
         row[order] = metrics
         print(f"[{name}] frame order {order}: top-1 {metrics['top1']:.1f}", flush=True)
@@ -103,7 +103,7 @@ def main() -> None:
     rows = [run_model(cfg, name, splits, out, orders) for name in args.models]
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
-    report = {"rows": rows, "views": cfg.views, "epochs": cfg.run.train.epochs, "batch_size": cfg.run.train.batch_size,
+    report = {"rows": rows, "views": cfg.eval_views(), "epochs": cfg.run.train.epochs, "batch_size": cfg.run.train.batch_size,
               "lr": cfg.run.optim.lr, "seconds": round(time.perf_counter() - start, 1), "load_start": load_start,
               "load_end": os.getloadavg()[0],
               "machine": f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "

@@ -742,8 +742,10 @@ class Trainer:
         state = ckpt.verify_checkpoint(path)
         tensors, _ = ckpt.read_weights(path / ckpt.WEIGHTS_FILE)
         trained = state.get("train_weights")  # present when the run kept a weight average
-        ckpt.load_weights_into(self.raw_model, trained if trained is not None else tensors,
-                               str(path / (ckpt.STATE_FILE if trained is not None else ckpt.WEIGHTS_FILE)))
+        if trained is not None:
+            ckpt.load_weights_into(self.raw_model, trained, str(path / ckpt.STATE_FILE))
+        else:
+            ckpt.load_weights_into(self.raw_model, tensors, str(path / ckpt.WEIGHTS_FILE))
         if self.ema is not None:
             if trained is not None:
                 self.ema.load_state_dict(tensors, state.get("ema_updates", 0))
