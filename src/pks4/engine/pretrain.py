@@ -308,8 +308,8 @@ class Pretrainer:
                 "objective": "masked_alignment"}
 
     def _save(self) -> Path:
-        decoder = {k: v.detach().cpu().clone() for k, v in self.student.decoder.state_dict().items()}
-        return save_loop_checkpoint(self, self.student.model, self._metadata(), decoder=decoder,
+        return save_loop_checkpoint(self, self.student.model, self._metadata(),
+                                    decoder=ckpt.plain_state_dict(self.student.decoder),
                                     last_loss=self.last_loss, best_top1=None)
 
     def _resume(self, resume: str) -> None:
