@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from pks4.engine.optim import CosineWarmup, build_optimizer, cosine_lr, param_groups, scaled_lr
+from pks4.engine.optim import LRSchedule, build_optimizer, cosine_lr, param_groups, scaled_lr, wsd_lr
 from pks4.models.registry import create_model
 
 
@@ -82,7 +82,7 @@ def test_build_optimizer_sets_scaled_group_lrs():
     model = _Toy()
     opt = build_optimizer(model, Cfg(), lr=0.1)
     assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([0.0125, 0.025, 0.05, 0.1])
-    sched = CosineWarmup(opt, total_steps=10, warmup_steps=2, peak_lr=0.1, min_lr=0.0)
+    sched = LRSchedule(opt, total_steps=10, warmup_steps=2, peak_lr=0.1, min_lr=0.0)
     assert max(g["lr"] for g in opt.param_groups) == pytest.approx(0.05)  # step 0 of 2 warm-up steps
     sched.step()
     assert max(g["lr"] for g in opt.param_groups) == pytest.approx(0.1)
@@ -105,9 +105,42 @@ def test_cosine_golden_values():
 def test_scheduler_state_round_trip():
     model = _Toy()
     opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1.0)
-    a = CosineWarmup(opt, 20, 3, 1.0, 0.0)
+    a = LRSchedule(opt, 20, 3, 1.0, 0.0)
     for _ in range(7):
         a.step()
-    b = CosineWarmup(opt, 20, 3, 1.0, 0.0)
+    b = LRSchedule(opt, 20, 3, 1.0, 0.0)
     b.load_state_dict(a.state_dict())
     assert b.get_lr() == a.get_lr() == pytest.approx(cosine_lr(7, 20, 3, 1.0, 0.0))
+
+
+def test_wsd_golden_values():
+    # 20 steps, 2 warm-up, the last 5 (decay_fraction 0.25) on the cosine: steps 15..20 go from peak to min.
+    vals = [wsd_lr(s, 20, 2, 1.0, 0.1, 0.25) for s in range(21)]
+    expected = [0.5, 1.0] + [1.0] * 13 + [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 5)) for k in range(6)]
+    assert vals == pytest.approx(expected)
+    assert wsd_lr(99, 20, 2, 1.0, 0.1, 0.25) == pytest.approx(0.1)  # clamped past the end
+    # decay_fraction 1 with no warm-up is the cosine schedule itself
+    assert [wsd_lr(s, 10, 0, 1.0, 0.0, 1.0) for s in range(11)] == pytest.approx(
+        [cosine_lr(s, 10, 0, 1.0, 0.0) for s in range(11)])
+    # a decay longer than what the warm-up leaves starts right after the warm-up
+    assert [wsd_lr(s, 10, 4, 1.0, 0.0, 0.9) for s in range(4, 11)] == pytest.approx(
+        [cosine_lr(s, 10, 4, 1.0, 0.0) for s in range(4, 11)])
+
+
+def test_lr_schedule_kinds_and_bad_values():
+    model = _Toy()
+    opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1.0)
+    sched = LRSchedule(opt, 20, 2, 1.0, 0.1, kind="wsd", decay_fraction=0.25)
+    for _ in range(10):
+        sched.step()
+    assert sched.get_lr() == pytest.approx(1.0) and opt.param_groups[0]["lr"] == pytest.approx(1.0)
+    resumed = LRSchedule(opt, 20, 2, 1.0, 0.1, kind="wsd", decay_fraction=0.25)
+    resumed.load_state_dict(sched.state_dict())
+    for _ in range(7):
+        sched.step()
+        resumed.step()
+    assert resumed.get_lr() == sched.get_lr() == pytest.approx(wsd_lr(17, 20, 2, 1.0, 0.1, 0.25))
+    with pytest.raises(ValueError, match="unknown LR schedule 'linear'"):
+        LRSchedule(opt, 20, 2, 1.0, 0.1, kind="linear")
+    with pytest.raises(ValueError, match="decay_fraction"):
+        LRSchedule(opt, 20, 2, 1.0, 0.1, kind="wsd", decay_fraction=0.0)

@@ -7,6 +7,7 @@ import torch
 from pks4.data.synth import generate_synth
 from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import load_config
+from pks4.engine.optim import wsd_lr
 from pks4.engine.train import Trainer, TrainingError, amp_dtype_for, resolve_classes
 
 
@@ -108,3 +109,16 @@ def test_resuming_a_run_without_an_average_starts_one(data, tmp_path):
     resumed = Trainer(_cfg(data, tmp_path / "run", *EMA), resume="auto", log=messages.append)
     assert any("holds no weight average" in m for m in messages)
     assert resumed.ema.updates == 0 and _equal(resumed.ema.state_dict(), resumed.raw_model.state_dict())
+
+
+def test_wsd_schedule_reaches_the_optimizer(data, tmp_path):
+    """optim.schedule=wsd: the LR of every logged step is the warm-up/stable/decay value, not the cosine one."""
+    trainer = Trainer(_cfg(data, tmp_path / "wsd", "train.epochs=2", "optim.warmup_epochs=0", "optim.min_lr=0.0",
+                           "optim.schedule=wsd", "optim.decay_fraction=0.4"), log=lambda m: None)
+    assert trainer.scheduler.kind == "wsd" and trainer.scheduler.total_steps == 10
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "wsd" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["lr"] for r in rows if r["kind"] == "train"]
+    assert logged == pytest.approx([wsd_lr(s, 10, 0, 0.01, 0.0, 0.4) for s in range(10)])
+    assert logged[:6] == pytest.approx([0.01] * 6)  # stable phase: the cosine would be at 0.0065 by step 5
+    assert logged[-1] < 0.002

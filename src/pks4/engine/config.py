@@ -53,12 +53,14 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with layer-wise decay and a cosine schedule (PKS4 section 3.5.2 and 4.2)."""
+    """AdamW with layer-wise decay and a warm-up + cosine schedule (PKS4 section 3.5.2 and 4.2)."""
 
     lr: float = 7e-4  # base LR for a global batch of 256; the paper's B/16 value (L/14: 1e-3)
     scale_lr: bool = True  # lr = base * global_batch / 256, as in the recipes the paper follows
     min_lr: float = 1e-6
     warmup_epochs: float = 5.0
+    schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: hold the peak LR, decay in the last decay_fraction
+    decay_fraction: float = 0.2  # only for schedule "wsd"
     weight_decay: float = 0.05
     layer_decay: float = 1.0  # 1.0 disables layer-wise decay; new PKS4 modules and the head always get full LR
     betas: tuple[float, float] = (0.9, 0.999)

@@ -1,8 +1,12 @@
-"""AdamW parameter groups with layer-wise LR decay, and the cosine schedule with linear warm-up.
+"""AdamW parameter groups with layer-wise LR decay, and the LR schedules (linear warm-up, then cosine or WSD).
 
 PKS4 section 3.5.2: AdamW, cosine schedule with warm-up, LR scaled by the global batch, layer-wise LR decay on
 the pre-trained ViT backbone, and the newly inserted PKS4 modules exempt from that decay so they adapt quickly.
 Section 4.2 gives the values (base LR 7e-4, 1e-3 for ViT-L; weight decay 0.05; 5 warm-up epochs).
+
+The cosine schedule is the paper's and the default. ``"wsd"`` (warm-up, stable, decay) holds the peak LR and
+spends only the last ``decay_fraction`` of the steps on the cosine decay. It is the option for runs that may be
+extended, because a checkpoint from the stable phase can be continued at the same LR.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from torch import nn
 if TYPE_CHECKING:  # the optimizer needs only the values, not the config module
     from pks4.engine.config import OptimConfig
 
-__all__ = ["NO_DECAY_KEYWORDS", "scaled_lr", "param_groups", "build_optimizer", "cosine_lr", "CosineWarmup"]
+__all__ = ["NO_DECAY_KEYWORDS", "scaled_lr", "param_groups", "build_optimizer", "cosine_lr", "wsd_lr", "LRSchedule", "SCHEDULES"]
 
 # Parameters whose magnitude is meaningful on its own: decaying them towards zero only hurts.
 NO_DECAY_KEYWORDS = ("pos_embed", "positional_embedding", "class_embedding", "cls_token", "A_log", "A_b_log", ".D")
@@ -87,18 +91,48 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, mi
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class CosineWarmup:
-    """Per-step schedule that sets every group's LR to ``cosine_lr(step) * group['lr_scale']``."""
+def wsd_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float,
+           decay_fraction: float) -> float:
+    """Warm-up, stable, decay: the same linear warm-up as :func:`cosine_lr`, ``peak_lr`` until the last
+    ``round(decay_fraction * total_steps)`` steps, then half a cosine down to ``min_lr`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    decay_steps = max(1, round(decay_fraction * total_steps))
+    decay_start = max(warmup_steps, total_steps - decay_steps)
+    if step < decay_start:
+        return peak_lr
+    progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+SCHEDULES = ("cosine", "wsd")
+
+
+class LRSchedule:
+    """Per-step schedule that sets every group's LR to ``lr(step) * group['lr_scale']``.
+
+    ``kind`` is ``"cosine"`` (:func:`cosine_lr`) or ``"wsd"`` (:func:`wsd_lr` with ``decay_fraction``).
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                 peak_lr: float, min_lr: float) -> None:
+                 peak_lr: float, min_lr: float, kind: str = "cosine", decay_fraction: float = 0.2) -> None:
+        if kind not in SCHEDULES:
+            raise ValueError(f"unknown LR schedule {kind!r}; expected one of {SCHEDULES}")
+        if not 0.0 < decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {decay_fraction}")
         self.optimizer, self.total_steps, self.warmup_steps = optimizer, total_steps, warmup_steps
-        self.peak_lr, self.min_lr = peak_lr, min_lr
+        self.peak_lr, self.min_lr, self.kind, self.decay_fraction = peak_lr, min_lr, kind, decay_fraction
         self.step_count = 0
         self._apply()
 
+    def _lr(self, step: int) -> float:
+        if self.kind == "wsd":
+            return wsd_lr(step, self.total_steps, self.warmup_steps, self.peak_lr, self.min_lr,
+                          self.decay_fraction)
+        return cosine_lr(step, self.total_steps, self.warmup_steps, self.peak_lr, self.min_lr)
+
     def _apply(self) -> None:
-        lr = cosine_lr(self.step_count, self.total_steps, self.warmup_steps, self.peak_lr, self.min_lr)
+        lr = self._lr(self.step_count)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
@@ -109,11 +143,12 @@ class CosineWarmup:
 
     def get_lr(self) -> float:
         """Current un-scaled LR (what the head and new modules use)."""
-        return cosine_lr(self.step_count, self.total_steps, self.warmup_steps, self.peak_lr, self.min_lr)
+        return self._lr(self.step_count)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step_count": self.step_count, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps, "peak_lr": self.peak_lr, "min_lr": self.min_lr}
+        return {"step_count": self.step_count, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "peak_lr": self.peak_lr, "min_lr": self.min_lr, "kind": self.kind,
+                "decay_fraction": self.decay_fraction}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_count = int(state["step_count"])

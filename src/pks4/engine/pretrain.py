@@ -44,7 +44,7 @@ from pks4.data.datasets import DataConfig
 from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import (ModelConfig, OptimConfig, RunConfig, TrainConfig,
                                 config_to_dict, format_config, load_section)
-from pks4.engine.optim import CosineWarmup, build_optimizer, scaled_lr
+from pks4.engine.optim import LRSchedule, build_optimizer, scaled_lr
 from pks4.engine.train import (Log, MetricsLog, _null, ReportBad, ResumableSampler, StopFlag, TrainingError, agree,
                                amp_dtype_for, build_model, collate_report_bad, optimizer_step, plot_curves,
                                raise_load_errors, restore_loop_state, resume_dir, save_loop_checkpoint,
@@ -225,8 +225,9 @@ class Pretrainer:
         global_batch = t.batch_size * t.accum_steps * self.dist.world_size
         self.peak_lr = scaled_lr(o.lr, global_batch) if o.scale_lr else o.lr
         self.optimizer = build_optimizer(self.student, o, self.peak_lr)
-        self.scheduler = CosineWarmup(self.optimizer, t.epochs * self.steps_per_epoch,
-                                      round(o.warmup_epochs * self.steps_per_epoch), self.peak_lr, o.min_lr)
+        self.scheduler = LRSchedule(self.optimizer, t.epochs * self.steps_per_epoch,
+                                    round(o.warmup_epochs * self.steps_per_epoch), self.peak_lr, o.min_lr,
+                                    o.schedule, o.decay_fraction)
         trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
         self.log(f"student {self.cfg.model.name}: {trainable / 1e6:.2f}M trainable parameters (decoder included); "
                  f"{shard} clips per rank, global batch {global_batch}, peak lr {self.peak_lr:.3g}, "

@@ -51,7 +51,7 @@ from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import RunConfig, config_to_dict, format_config
 from pks4.engine.ema import WeightEMA
 from pks4.engine.infer import compute_metrics, confusion_matrix, evaluate, save_confusion_matrix
-from pks4.engine.optim import CosineWarmup, build_optimizer, scaled_lr
+from pks4.engine.optim import LRSchedule, build_optimizer, scaled_lr
 from pks4.flex import FlexBatchSampler, FlexDataset, flex_collate, flex_patch, resolve_flex_config
 
 __all__ = ["TrainingError", "DistInfo", "TrainResult", "setup_distributed", "seed_everything", "amp_dtype_for",
@@ -517,8 +517,8 @@ class Trainer:
         # Every epoch's optimizer steps are known in advance (flexible epochs differ in length but are planned).
         steps = [math.ceil(m / t.accum_steps) for m in self.planned_micro]
         per_epoch = sum(steps) / len(steps) if steps else self.steps_per_epoch
-        self.scheduler = CosineWarmup(self.optimizer, sum(steps), round(o.warmup_epochs * per_epoch),
-                                      self.peak_lr, o.min_lr)
+        self.scheduler = LRSchedule(self.optimizer, sum(steps), round(o.warmup_epochs * per_epoch),
+                                    self.peak_lr, o.min_lr, o.schedule, o.decay_fraction)
         trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
         flex = f" (flex.mode={self.cfg.flex.mode}: mean of the planned epochs)" if self.flex_cfg else ""
         self.log(f"model {self.cfg.model.name}: {trainable / 1e6:.2f}M trainable parameters; global batch "
