@@ -19,7 +19,8 @@ from torch import nn
 if TYPE_CHECKING:  # the optimizer needs only the values, not the config module
     from pks4.engine.config import OptimConfig
 
-__all__ = ["NO_DECAY_KEYWORDS", "scaled_lr", "param_groups", "build_optimizer", "cosine_lr", "wsd_lr", "LRSchedule", "SCHEDULES"]
+__all__ = ["NO_DECAY_KEYWORDS", "scaled_lr", "param_groups", "build_optimizer", "cosine_lr", "wsd_lr", "LRSchedule",
+           "SCHEDULES"]
 
 # Parameters whose magnitude is meaningful on its own: decaying them towards zero only hurts.
 NO_DECAY_KEYWORDS = ("pos_embed", "positional_embedding", "class_embedding", "cls_token", "A_log", "A_b_log", ".D")
@@ -93,16 +94,13 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, mi
 
 def wsd_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float,
            decay_fraction: float) -> float:
-    """Warm-up, stable, decay: the same linear warm-up as :func:`cosine_lr`, ``peak_lr`` until the last
-    ``round(decay_fraction * total_steps)`` steps, then half a cosine down to ``min_lr`` at ``total_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    decay_steps = max(1, round(decay_fraction * total_steps))
-    decay_start = max(warmup_steps, total_steps - decay_steps)
-    if step < decay_start:
+    """Warm-up, stable, decay: the warm-up of :func:`cosine_lr`, ``peak_lr`` until the last
+    ``round(decay_fraction * total_steps)`` steps, then :func:`cosine_lr`'s half cosine over those steps alone."""
+    decay_start = max(warmup_steps, total_steps - max(1, round(decay_fraction * total_steps)))
+    if warmup_steps <= step < decay_start:
         return peak_lr
-    progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
-    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    # before the warm-up ends: cosine_lr's warm-up; from decay_start on: its cosine, "warmed up" until decay_start
+    return cosine_lr(step, total_steps, warmup_steps if step < warmup_steps else decay_start, peak_lr, min_lr)
 
 
 SCHEDULES = ("cosine", "wsd")
