@@ -311,6 +311,19 @@ class _DeferSigchld:
             handler(*pending)
 
 
+def _shut_down(batches: Iterator[Any]) -> None:
+    """Stop a DataLoader iterator's workers now and reap them, dead ones included.
+
+    Left to the garbage collector, a loader whose worker was killed keeps that worker registered with torch's
+    SIGCHLD check; the next child to exit anywhere in the process (a later loader's worker) then makes torch
+    raise "DataLoader worker ... killed" at whatever line is running, outside any handler. torch has no public
+    call for this; ``_shutdown_workers`` is what its iterator runs when exhausted or deleted.
+    """
+    stop = getattr(batches, "_shutdown_workers", None)  # absent with num_workers=0: nothing to stop
+    if stop is not None:
+        stop()
+
+
 def _worker_died(exc: BaseException) -> bool:
     # torch reports a killed or crashed worker as a RuntimeError naming "DataLoader worker (pid ...)"
     return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
@@ -563,12 +576,13 @@ class Trainer:
         """
         t, guard, end = self.cfg.train, _DeferSigchld(self.cfg.train.num_workers > 0), object()
         while True:
+            guard.fetching(replay=False)  # no loader of ours is left whose workers the signal could be about
             # The flexible sampler skips whole (variable-size) batches; the plain one skips items.
             start = self.batch_in_epoch if self.flex_cfg is not None else self.batch_in_epoch * t.batch_size
             self.train_sampler.set_epoch(epoch, start)
-            loader = self._loader(self.train_set, self.train_sampler, t.batch_size, self.drop_last, epoch)
+            workers = iter(self._loader(self.train_set, self.train_sampler, t.batch_size, self.drop_last, epoch))
             try:
-                batches = raise_load_errors(loader)
+                batches = raise_load_errors(workers)
                 while True:
                     guard.fetching()
                     batch = next(batches, end)
@@ -579,12 +593,15 @@ class Trainer:
             except RuntimeError as exc:
                 if not _worker_died(exc):
                     raise
-                pos = self.batch_in_epoch
-                del loader, batches
-                self.log(f"epoch {epoch + 1}, batch {pos + 1}: {exc}; retrying that batch in a fresh worker")
-                yield self._retry_batch(epoch, pos)
+                died = str(exc)
             finally:
                 guard.fetching(replay=False)
+                _shut_down(workers)
+            pos = self.batch_in_epoch
+            self.log(f"epoch {epoch + 1}, batch {pos + 1}: {died}; retrying that batch in a fresh worker")
+            retried = self._retry_batch(epoch, pos)
+            guard.computing()
+            yield retried
 
     def _retry_batch(self, epoch: int, pos: int) -> dict[str, Any]:
         t = self.cfg.train
@@ -598,11 +615,14 @@ class Trainer:
                             self.cfg.data.skip_bad_videos)
         loader = DataLoader(wrapped, batch_size=len(indices), sampler=indices, num_workers=1,
                             collate_fn=collate_flex_report_bad if flex else collate_report_bad)
+        workers = iter(loader)
         try:
-            return next(raise_load_errors(loader)) or {"skipped": []}
+            return next(raise_load_errors(workers)) or {"skipped": []}
         except RuntimeError as exc:
             if not _worker_died(exc):
                 raise
+        finally:
+            _shut_down(workers)
         files = [_sample_path(self.train_set, i) for i in indices]
         if not self.cfg.data.skip_bad_videos:
             raise TrainingError(f"a DataLoader worker died twice loading batch {pos + 1} of epoch {epoch + 1}, "
