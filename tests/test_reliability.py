@@ -268,6 +268,17 @@ def test_a_worker_killed_once_is_retried_and_nothing_is_lost(data, tmp_path, mon
     assert not _bitwise_equal(plain.raw_model.state_dict(), hit.raw_model.state_dict())
 
 
+def test_a_run_stopped_on_the_retried_batch_gives_sigchld_back(data, tmp_path):
+    # The retried batch is batch 1 here; stopping right after it closes the batch generator at that batch.
+    hit = Trainer(_cfg(data, tmp_path / "hit", "train.num_workers=2", "train.stop_after_steps=1"),
+                  log=lambda m: None)
+    _with_killer(hit, tmp_path / "marker")
+    result = hit.fit()
+    assert (tmp_path / "marker").exists() and result.status == "stopped" and result.global_step == 1
+    # the step's deferral (which only notes the signal) must not outlive the run: torch's handler is back
+    assert getattr(signal.getsignal(signal.SIGCHLD), "__name__", "") != "_note"
+
+
 def test_a_batch_that_always_kills_its_worker_is_skipped_and_listed(data, tmp_path):
     trainer = Trainer(_cfg(data, tmp_path / "run", "train.num_workers=1", "data.skip_bad_videos=true"),
                       log=lambda m: None)

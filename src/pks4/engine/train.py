@@ -576,13 +576,12 @@ class Trainer:
         """
         t, guard, end = self.cfg.train, _DeferSigchld(self.cfg.train.num_workers > 0), object()
         while True:
-            guard.fetching(replay=False)  # no loader of ours is left whose workers the signal could be about
             # The flexible sampler skips whole (variable-size) batches; the plain one skips items.
             start = self.batch_in_epoch if self.flex_cfg is not None else self.batch_in_epoch * t.batch_size
             self.train_sampler.set_epoch(epoch, start)
-            workers = iter(self._loader(self.train_set, self.train_sampler, t.batch_size, self.drop_last, epoch))
+            loader_iter = iter(self._loader(self.train_set, self.train_sampler, t.batch_size, self.drop_last, epoch))
             try:
-                batches = raise_load_errors(workers)
+                batches = raise_load_errors(loader_iter)
                 while True:
                     guard.fetching()
                     batch = next(batches, end)
@@ -596,12 +595,15 @@ class Trainer:
                 died = str(exc)
             finally:
                 guard.fetching(replay=False)
-                _shut_down(workers)
+                _shut_down(loader_iter)
             pos = self.batch_in_epoch
             self.log(f"epoch {epoch + 1}, batch {pos + 1}: {died}; retrying that batch in a fresh worker")
             retried = self._retry_batch(epoch, pos)
             guard.computing()
-            yield retried
+            try:
+                yield retried
+            finally:  # also when the loop stops on this batch: torch's handler must come back
+                guard.fetching(replay=False)
 
     def _retry_batch(self, epoch: int, pos: int) -> dict[str, Any]:
         t = self.cfg.train
@@ -615,14 +617,14 @@ class Trainer:
                             self.cfg.data.skip_bad_videos)
         loader = DataLoader(wrapped, batch_size=len(indices), sampler=indices, num_workers=1,
                             collate_fn=collate_flex_report_bad if flex else collate_report_bad)
-        workers = iter(loader)
+        loader_iter = iter(loader)
         try:
-            return next(raise_load_errors(workers)) or {"skipped": []}
+            return next(raise_load_errors(loader_iter)) or {"skipped": []}
         except RuntimeError as exc:
             if not _worker_died(exc):
                 raise
         finally:
-            _shut_down(workers)
+            _shut_down(loader_iter)
         files = [_sample_path(self.train_set, i) for i in indices]
         if not self.cfg.data.skip_bad_videos:
             raise TrainingError(f"a DataLoader worker died twice loading batch {pos + 1} of epoch {epoch + 1}, "
