@@ -71,7 +71,22 @@ def test_data_check_and_models(data, tmp_path, capsys):
     assert "pks4_vit_tiny" in table and "pks4_vit_b16" in table and "91.6" in table
 
 
+def test_data_synth_sizes(tmp_path, capsys):
+    out = tmp_path / "synth"
+    argv = ["data", "synth", str(out), "--train-per-class", "1", "--val-per-class", "3", "--frames", "4", "--size", "32"]
+    assert main(argv) == 0
+    assert len((out / "train.txt").read_text().split("\n")) - 1 == 10
+    val = (out / "val.txt").read_text().split()
+    assert len(val) == 2 * 30 and val[-2].endswith("_002.mp4")
+    from pks4.data.video import probe_video
+
+    info = probe_video(str(out / val[0]))
+    assert (info.num_frames, info.height, info.width) == (4, 32, 32)
+
+
 @pytest.mark.parametrize("argv, words", [
+    (["data", "synth", "out", "--val-per-class", "-1"], ["--val-per-class -1", "at least 0"]),
+    (["data", "synth", "out", "--size", "4"], ["--size 4", "at least 16"]),
     (["train", "--set", "train.epoch=1"], ["train.epoch", "valid keys"]),
     (["eval", "--checkpoint", "/nonexistent/run"], ["/nonexistent/run", "no such"]),
     (["predict", "missing.mp4", "--checkpoint", "/nonexistent"], ["/nonexistent"]),

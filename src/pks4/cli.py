@@ -8,7 +8,7 @@
     pks4 eval --checkpoint CKPT_OR_RUNDIR --grid frames=8,16,32,64 size=96,128,224 [--out DIR]
     pks4 predict VIDEO... --checkpoint CKPT_OR_RUNDIR [--topk 5] [--json] [--frames T] [--size S]
     pks4 retrieval | linear-probe | embed --checkpoint CKPT_OR_RUNDIR [--frames T] [--size S] ...
-    pks4 data check LIST_OR_DIR | pks4 data synth OUT_DIR [--seed N]
+    pks4 data check LIST_OR_DIR | pks4 data synth OUT_DIR [--seed N] [--train-per-class N] [--val-per-class N]
     pks4 models | pks4 demo [--out DIR]
 
 Bad input (missing files, unreadable videos, unknown config keys, checkpoints that do not fit) ends with one
@@ -114,7 +114,12 @@ def _data_check_cmd(args: argparse.Namespace) -> int:
 def _data_synth_cmd(args: argparse.Namespace) -> int:
     from pks4.data.synth import generate_synth
 
-    splits = generate_synth(args.out_dir, seed=args.seed)
+    for flag, value, low in (("--train-per-class", args.train_per_class, 0), ("--val-per-class", args.val_per_class, 0),
+                             ("--frames", args.frames, 1), ("--size", args.size, 16)):
+        if value < low:
+            raise ValueError(f"data synth {flag} {value}: expected at least {low}")
+    splits = generate_synth(args.out_dir, seed=args.seed, num_train_per_class=args.train_per_class,
+                            num_val_per_class=args.val_per_class, num_frames=args.frames, size=args.size)
     print(f"wrote {splits.num_classes} classes to {splits.root}: train list {splits.train}, val list {splits.val}")
     return 0
 
@@ -190,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     syn = data.add_parser("synth", help="write the built-in temporal benchmark")
     syn.add_argument("out_dir", metavar="OUT_DIR")
     syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--train-per-class", type=int, default=40, help="training clips per class (default 40)")
+    syn.add_argument("--val-per-class", type=int, default=12, help="validation clips per class (default 12)")
+    syn.add_argument("--frames", type=int, default=16, help="frames per clip (default 16)")
+    syn.add_argument("--size", type=int, default=64, help="frame side in pixels (default 64)")
     syn.set_defaults(func=_data_synth_cmd)
     sub.add_parser("models", help="registered models and parameter counts").set_defaults(func=_models_cmd)
     demo = sub.add_parser("demo", help="synthetic benchmark: tiny PKS4 vs frame-average baseline on CPU")
