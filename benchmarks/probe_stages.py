@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
+
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
@@ -37,7 +38,7 @@ STAGES = ("pre", "kpe", "ks4", "post", "final", "clip")
 
 
 def _capture(model: torch.nn.Module, store: dict[str, Tensor]) -> list:
-    """Forward hooks that write each stage's patch tokens (B, T, N, C), or the clip feature (B, D), to ``store``."""
+    """Forward hooks that write the module's stages and the last block's patch tokens to ``store``."""
     module, blocks = model.module, model.backbone.transformer.resblocks
 
     def on_module(_m, args, out):
@@ -108,23 +109,24 @@ def main(argv: list[str] | None = None) -> dict:
                                       "one from `pks4 data synth DIR --train-per-class 0 --val-per-class 100`")
     p.add_argument("--val-root", help="root of --val-list's paths (default: the list's folder)")
     p.add_argument("--holdout", type=float, default=0.0,
-                   help="probe on this fraction of the training clips instead of the validation list (0: use it); "
-                        "a small validation list makes every probe's accuracy coarse")
+                   help="probe-validate on this fraction of the training clips instead of the validation list "
+                        "(0: use the list); these are clips the model trained on, so prefer --val-list")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="the probes' L2 penalty")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     model, cfg, classes = load_model_from_checkpoint(args.checkpoint)
-    if getattr(model, "module", None) is None or getattr(model.module, "kpe", None) is None:
+    module = getattr(model, "module", None)
+    if module is None or getattr(module, "kpe", None) is None or getattr(module, "ks4", None) is None:
         raise SystemExit(f"{args.checkpoint}: not a PKS4 model with a KPE and KS4 ({type(model).__name__})")
     names = [c.strip() for c in args.classes.split(",") if c.strip()]
     keep = [int(c) if c.isdigit() else classes.index(c) if c in classes else -1 for c in names]
-    if len(keep) < 2 or -1 in keep:
-        raise SystemExit(f"--classes {args.classes!r}: need two or more of {classes}")
+    if len(keep) < 2 or len(set(keep)) < len(keep) or not all(0 <= k < len(classes) for k in keep):
+        raise SystemExit(f"--classes {args.classes!r}: need two or more different ones of {classes}")
     if not 0.0 <= args.holdout < 1.0:
         raise SystemExit(f"--holdout {args.holdout}: expected a fraction in [0, 1)")
-    feats, labels = {}, {}
     if args.holdout and args.val_list:
         raise SystemExit("--holdout and --val-list both choose the probe-validation clips: give one")
+    feats, labels = {}, {}
     data_cfg = replace(cfg.data, val=args.val_list, root=args.val_root or "") if args.val_list else cfg.data
     splits = ("train",) if args.holdout else ("train", "val")
     for split in splits:

@@ -75,6 +75,7 @@ def test_probe_command_on_a_checkpoint_and_real_videos(tmp_path, capsys):
 
     for argv, words in ((["--classes", "rotating_clockwise"], "two or more"),
                         (["--classes", "spinning,moving_left"], "two or more"),
+                        (["--classes", "0,10"], "two or more"), (["--classes", "3,3"], "different"),
                         (["--classes", "0,1", "--holdout", "1.5"], "fraction"),
                         (["--classes", "0,1", "--holdout", "0.5", "--val-list", str(more.val)], "give one")):
         with pytest.raises(SystemExit, match=words):
