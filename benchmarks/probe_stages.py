@@ -94,8 +94,8 @@ def stage_features(model: torch.nn.Module, dataset, batch_size: int = 16) -> tup
 
 
 def _only(dataset, keep: list[int]) -> Subset:
-    index = {label: i for i, label in enumerate(keep)}
-    picked = [i for i, s in enumerate(dataset.samples) if s.label in index]
+    wanted = set(keep)
+    picked = [i for i, s in enumerate(dataset.samples) if s.label in wanted]
     if not picked:
         raise ValueError(f"no clips of classes {keep} in {len(dataset)} items")
     return Subset(dataset, picked)
