@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from pks4.models.pks4 import (
     ClsTemporalRoute,
+    CorrelationOperator,
+    GridConv,
     PKS4Module,
     gather_neighbours,
     local_correlation,
@@ -87,6 +89,40 @@ def test_correlation_detects_motion():
     assert s[0, 0, 2, 1].flatten().argmax().item() == 1 * 3 + 2  # du=0 -> index 1, dv=+1 -> index 2
 
 
+def test_grid_conv_is_a_sum_over_neighbouring_positions():
+    conv = GridConv(5, 3, 3).double()
+    x = torch.randn(2, 2, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    y = conv(x)
+    expect = torch.zeros(2, 2, 4, 3, 3, dtype=torch.float64)
+    for yy in range(4):
+        for xx in range(3):
+            expect[:, :, yy, xx] = conv.bias
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    if 0 <= yy + dy < 4 and 0 <= xx + dx < 3:  # outside the grid: nothing (zero padding)
+                        expect[:, :, yy, xx] += x[:, :, yy + dy, xx + dx] @ conv.weight[:, :, dy + 1, dx + 1].T
+    torch.testing.assert_close(y, expect)
+    assert torch.autograd.gradcheck(conv, (x,))
+
+
+def test_corr_context_reads_the_neighbours_scores():
+    # Per-position psi_corr sees only its own window, so it is blind to what the neighbours' scores say; the
+    # k x k variant's output changes when only a neighbour's scores change, and its parameters say so.
+    torch.manual_seed(0)
+    per_pos = CorrelationOperator(8, [1], 3, "replicate", context=1)
+    ctx = CorrelationOperator(8, [1], 3, "replicate", context=3)
+    assert isinstance(per_pos.psi[0], torch.nn.Linear) and isinstance(ctx.psi[0], GridConv)
+    assert ctx.psi[0].weight.shape == (8, 9, 3, 3)
+    f = torch.randn(1, 2, 4, 4, 8)
+    g = f.clone()
+    g[0, 1, 0, 0] = torch.randn(8)  # only frame 1 at (0, 0) changes: the scores of positions within 1 of it change
+    for op, reads_neighbours in ((per_pos, False), (ctx, True)):
+        a, b = op(f)[0, 0], op(g)[0, 0]
+        # (2, 1): its own 3x3 window ends at row 1, so only a layer reading (1, 0) or (1, 1)'s scores changes
+        assert (not torch.allclose(a[2, 1], b[2, 1])) is reads_neighbours
+        torch.testing.assert_close(a[3, 3], b[3, 3])  # beyond both the window and the context
+
+
 def test_variation_is_eq17():
     module = PKS4Module(128, _tiny_cfg(use_corr=False))
     var = module.kpe.var
@@ -150,7 +186,8 @@ def test_model_forward_backward_every_parameter_gets_gradient():
 
 @pytest.mark.parametrize("kw", [dict(context_frames=0), dict(context_frames=6), dict(bidirectional=True),
                                 dict(cls_route="tsm"), dict(insert_layer=0), dict(insert_layer=4),
-                                dict(use_ks4=False), dict(skip_from="post_kpe"), dict(temporal_pad="zero")])
+                                dict(use_ks4=False), dict(skip_from="post_kpe"), dict(temporal_pad="zero"),
+                                dict(corr_context=3)])
 def test_ablation_switches_run(kw):
     model = create_model("pks4_vit_tiny", num_classes=3, **kw)
     assert model(torch.randn(1, 3, 3, 64, 64)).shape == (1, 3)
@@ -182,6 +219,9 @@ def test_bad_inputs():
         create_model("pks4_vit_tiny", context_frames=3)
     with pytest.raises(ValueError, match="insert_layer"):
         create_model("pks4_vit_tiny", insert_layer=9)
+    for bad in (0, 2, -1):
+        with pytest.raises(ValueError, match="corr_context must be an odd kernel size"):
+            create_model("pks4_vit_tiny", corr_context=bad)
 
 
 def test_registry_overrides_and_rebuild_from_saved_config():

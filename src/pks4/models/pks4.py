@@ -25,6 +25,15 @@ Choices where the paper is silent (each is a config field, so the alternative st
   open whether it does); psi_var is Linear(K*C -> C/4) and phi is GELU + Linear(C/4 -> C) (Eq. 14, 18). The KPE
   input passes a LayerNorm first: residual-stream features are not normalised and differences of them would
   otherwise be dominated by a few large channels.
+* **Spatial context of psi_corr** (``corr_context``): Eq. 16 says the correlation responses "within the
+  temporal-spatial neighborhood are aggregated and mapped back" without saying whether the map looks beyond one
+  position. The default (1) maps each position's scores alone, which is what Table 5's parameter counts allow.
+  ``corr_context=k`` makes psi_corr's first layer a k x k convolution over the patch grid, so each position also
+  reads the displacement scores of its neighbours. This matters for motion whose direction varies across the
+  object: a rotation moves every patch along its tangent, so its sense (the curl of the displacement field) is
+  a product of "where the patch sits relative to the centre" and "where it moved" for per-position layers, but
+  a linear function of the neighbouring scores for a convolution, whose weights carry the relative offsets.
+  The built-in benchmark measures the difference (``benchmarks/ablation_ladder.md``).
 * **The skip connection** (``skip_from``): Eq. 25 adds u_t (the KPE-enhanced token) and Eq. 5 adds the pre-KPE
   token again; taken literally the residual stream would be doubled. They are read as one skip: the patch
   tokens leaving the module are Z_p + W_out(y * silu(g)) ("pre_kpe"), so the KPE only shapes what drives the
@@ -63,6 +72,7 @@ class PKS4Config:
     use_corr: bool = True
     context_frames: int = 4  # Table 8
     corr_window: int = 9  # spatial search window of the correlation (9x9, §4.2)
+    corr_context: int = 1  # psi_corr's first layer: 1 = per position (paper counts), k = k x k conv over the grid
     var_ratio: float = 0.25  # width of the variation projection, as a fraction of C
     d_state: int = 16  # §4.2
     d_conv: int = 4
@@ -89,6 +99,8 @@ class PKS4Config:
             raise ValueError(f"bad skip_from={self.skip_from!r} or temporal_pad={self.temporal_pad!r}")
         if self.corr_window % 2 != 1:
             raise ValueError(f"corr_window must be odd, got {self.corr_window}")
+        if self.corr_context < 1 or self.corr_context % 2 != 1:
+            raise ValueError(f"corr_context must be an odd kernel size >= 1, got {self.corr_context}")
 
 
 # ---- Kinematic Prior Encoder (§3.3) --------------------------------------------------------------------------
@@ -158,13 +170,34 @@ def local_correlation(f: Tensor, offsets: list[int], window: int, pad: str) -> T
     return s.permute(0, 2, 1, 3).reshape(b, t, h, w, k * window * window)
 
 
-class CorrelationOperator(nn.Module):
-    """O_corr (Eq. 15-16): local space-time correlation of normalised features, projected by psi_corr."""
+class GridConv(nn.Conv2d):
+    """A k x k convolution over the patch grid of channels-last maps: (B, T, H, W, D_in) -> (B, T, H, W, D_out).
 
-    def __init__(self, dim: int, offsets: list[int], window: int, pad: str) -> None:
+    Zero padding keeps the grid size; positions outside the grid contribute nothing, as in Eq. 15's scores.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, kernel: int) -> None:
+        super().__init__(in_dim, out_dim, kernel, padding=kernel // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, h, w, d = x.shape
+        y = super().forward(x.reshape(b * t, h, w, d).permute(0, 3, 1, 2))
+        return y.permute(0, 2, 3, 1).reshape(b, t, h, w, -1)
+
+
+class CorrelationOperator(nn.Module):
+    """O_corr (Eq. 15-16): local space-time correlation of normalised features, projected by psi_corr.
+
+    ``context`` is the spatial kernel of psi_corr's first layer (see the module docstring): 1 is a per-position
+    Linear, k > 1 a :class:`GridConv` that also reads the neighbours' scores.
+    """
+
+    def __init__(self, dim: int, offsets: list[int], window: int, pad: str, context: int = 1) -> None:
         super().__init__()
         self.offsets, self.window, self.pad = offsets, window, pad
-        self.psi = nn.Sequential(nn.Linear(len(offsets) * window**2, dim), nn.GELU(), nn.Linear(dim, dim))
+        scores = len(offsets) * window**2
+        first = nn.Linear(scores, dim) if context == 1 else GridConv(scores, dim, context)
+        self.psi = nn.Sequential(first, nn.GELU(), nn.Linear(dim, dim))
 
     def forward(self, f: Tensor) -> Tensor:
         """f (B, T, H, W, C) -> F^corr (B, T, H, W, C) = f + psi_corr(S)."""
@@ -193,7 +226,8 @@ class KinematicPriorEncoder(nn.Module):
         super().__init__()
         offsets = temporal_offsets(cfg.context_frames)
         self.norm = LayerNorm(dim)
-        self.corr = CorrelationOperator(dim, offsets, cfg.corr_window, cfg.temporal_pad) if cfg.use_corr else None
+        self.corr = (CorrelationOperator(dim, offsets, cfg.corr_window, cfg.temporal_pad, cfg.corr_context)
+                     if cfg.use_corr else None)
         use_var = cfg.use_var and offsets != [0]
         var_dim = max(1, int(dim * cfg.var_ratio))
         self.var = VariationOperator(dim, var_dim, offsets, cfg.temporal_pad) if use_var else None
