@@ -4,9 +4,10 @@ import json
 from pks4.cli import main
 
 
-def test_demo_writes_its_report(tmp_path):
+def test_demo_writes_its_report(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "demo"
-    code = main(["demo", "--out", str(out),
+    code = main(["demo", "--out", "demo",  # relative, as `make demo` passes it
                  "--set", "synth.num_train_per_class=2", "--set", "synth.num_val_per_class=1",
                  "--set", "synth.num_frames=8", "--set", "synth.size=32",
                  "--set", "run.train.epochs=1", "--set", "run.train.progress=false", "--set", "parallel=true"])
@@ -18,3 +19,12 @@ def test_demo_writes_its_report(tmp_path):
         assert report[key]["samples"] == 10  # one validation clip per class
     assert (out / "report.md").is_file() and (out / "report.png").stat().st_size > 0
     assert report["pks4"]["model"] == "pks4_vit_tiny" and report["baseline"]["model"] == "vit_tiny_avgpool"
+
+    # the saved config names the generated data absolutely: evaluating from another folder finds the same clips
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "pks4"), "--views", report["views"], "--json"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["top1"] == report["pks4"]["top1"]
