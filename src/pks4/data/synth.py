@@ -321,14 +321,14 @@ def generate_synth(
     size: int = 64,
     fps: float = 8.0,
 ) -> SynthSplits:
-    """Write the synthetic benchmark under ``out_dir`` and return its paths; deterministic in ``seed``.
+    """Write the synthetic benchmark under ``out_dir`` and return its (absolute) paths; deterministic in ``seed``.
 
     Layout: ``{train,val}/<class>/<class>_<k>.mp4``, ``train.txt``/``val.txt`` (``path label``),
     ``classes.txt`` (one name per line) and ``flip_pairs.txt`` (class names a horizontal flip swaps).
     A ``manifest.json`` written last records the settings; a folder whose manifest matches is reused as is.
     Defaults (10 classes, 400 train / 120 val videos of 16 x 64 x 64) generate in a few seconds.
     """
-    root = Path(out_dir)
+    root = Path(out_dir).resolve()  # a run config that names these lists must work from any folder
     settings = dict(seed=seed, num_train_per_class=num_train_per_class, num_val_per_class=num_val_per_class,
                     num_frames=num_frames, size=size, fps=fps, classes=list(CLASSES), version=4)
     splits = SynthSplits(root, root / "train.txt", root / "val.txt", root / "classes.txt",

@@ -55,9 +55,8 @@ def train_and_evaluate(cfg: DemoConfig, key: str, model: ModelConfig, splits: An
     from pks4.engine.infer import evaluate_checkpoint
     from pks4.engine.train import train
 
-    # absolute: the saved config must name these files from wherever a later `pks4 eval` or probe runs
-    data = replace(cfg.run.data, root=str(Path(splits.root).resolve()), train=str(Path(splits.train).resolve()),
-                   val=str(Path(splits.val).resolve()), labels=str(Path(splits.labels).resolve()))
+    data = replace(cfg.run.data, root=str(splits.root), train=str(splits.train), val=str(splits.val),
+                   labels=str(splits.labels))
     run = replace(cfg.run, model=model, data=data, out=str(out / key))
     result = train(run, log=lambda msg: print(f"[{key}] {msg}", flush=True))
     metrics = evaluate_checkpoint(out / key, views=cfg.eval_views(), out_dir=out / key,
