@@ -46,7 +46,8 @@ from torch.utils.data import DataLoader, Dataset
 from pks4.data.synth import CLASSES, PAIRS, render_clip, sample_params
 from pks4.data.transforms import CLIP_MEAN, CLIP_STD
 from pks4.engine.protocols import GridResult, eval_grid, plot_grid
-from pks4.flex import FlexBatchSampler, FlexConfig, FlexDataset, flex_collate, flex_patch, tokens_per_clip
+from pks4.flex import FlexBatchSampler, FlexConfig, FlexDataset, flex_collate, tokens_per_clip
+from pks4.layers.geometry import TokenGeometry
 from pks4.models.registry import create_model
 
 HERE = Path(__file__).resolve().parent
@@ -118,8 +119,9 @@ def train(model: torch.nn.Module, data: SynthClips, cfg: FlexConfig, base_batch:
         for batch in loader:
             for group in opt.param_groups:
                 group["lr"] = lr_at(seen / budget, lr)
-            with flex_patch(model, batch["shape"], cfg.kernel_resize):
-                loss = F.cross_entropy(model(batch["video"]), batch["label"], label_smoothing=0.1)
+            shape = batch["shape"]
+            geometry = TokenGeometry(patch=shape.patch, grid=shape.grid, kernel_resize=cfg.kernel_resize)
+            loss = F.cross_entropy(model(batch["video"], geometry=geometry), batch["label"], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

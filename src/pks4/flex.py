@@ -16,39 +16,35 @@ Pieces, in the order the data flows:
 * :class:`FlexConfig` and :func:`sample_shape`: what a batch looks like (:class:`FlexShape`);
 * :class:`FlexBatchSampler`: one shape per batch, batch size scaled so tokens per batch stay bounded;
 * :class:`FlexDataset` + :func:`flex_collate`: items loaded at the batch's (T, H);
-* :func:`flex_patch` / :func:`set_patch_size`: the model embeds with the batch's patch size and token grid;
-* :func:`inference_shape`: the shape to evaluate a checkpoint at any (T, H) with.
+* the model embeds with the batch's patch size and token grid: ``model(video, geometry=TokenGeometry(...))``
+  (:mod:`pks4.layers.geometry`; :func:`pks4.models.base.geometry_for` evaluates a checkpoint at any (T, H)).
 
-The patch hook changes no model file and no parameter name: it shadows a few bound methods on the model
-instance (``conv1.forward`` and ``grid_size`` of a CLIP tower; ``embed`` of VideoMamba) and removes them on
-exit, so checkpoints, ``state_dict`` and DDP see the same module tree.
+:func:`flex_patch` / :func:`set_patch_size` remain only for the training loop that still calls them; they pass
+the batch's geometry to the model's ``forward`` and are deleted with this file.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from pks4.layers.posembed import resize_patch_kernel
+from pks4.layers.geometry import TokenGeometry
 
 __all__ = [
-    "FLEX_MODES", "PATCH_POLICIES", "FlexConfig", "FlexShape", "FlexKey", "native_geometry", "resolve_flex_config",
+    "FLEX_MODES", "FlexConfig", "FlexShape", "FlexKey", "resolve_flex_config",
     "static_token_patch", "sample_shape", "tokens_per_clip", "batch_size_for", "FlexBatchSampler",
     "FlexDataset", "data_config_at", "resized_video_dataset", "flex_collate", "flex_patch", "set_patch_size",
-    "inference_shape", "fit_to_grid",
 ]
 
 FLEX_MODES = ("none", "temporal", "static_patch", "static_tokens", "flexivit", "flex_all")
-PATCH_POLICIES = ("native", "static_tokens")
 
 
 # ---- configuration and shape sampling (§4.2) -----------------------------------------------------------------
@@ -174,45 +170,14 @@ def batch_size_for(shape: FlexShape, base_batch: int, cfg: FlexConfig) -> int:
 
 
 # ---- the model's native geometry ------------------------------------------------------------------------------
-def _clip_tower(model: nn.Module) -> nn.Module | None:
-    from pks4.models.clip_vit import CLIPVisionTransformer
-
-    if isinstance(model, CLIPVisionTransformer):
-        return model
-    tower = getattr(model, "backbone", None)
-    return tower if isinstance(tower, CLIPVisionTransformer) else None
-
-
-def _videomamba(model: nn.Module) -> nn.Module | None:
-    try:
-        from pks4.models.videomamba import VideoMamba
-    except ImportError:  # a build without VideoMamba
-        return None
-    return model if isinstance(model, VideoMamba) else None
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def native_geometry(model: nn.Module) -> dict[str, int]:
-    """``{"patch", "size", "frames", "tubelet"}`` the model's weights are stored for."""
-    model = _unwrap(model)
-    tower, vm = _clip_tower(model), _videomamba(model)
-    if tower is not None:
-        frames = int(getattr(getattr(model, "config", None), "num_frames", 8))
-        return {"patch": tower.cfg.patch_size, "size": tower.cfg.image_size, "frames": frames, "tubelet": 1}
-    if vm is not None:
-        c = vm.config
-        return {"patch": c.patch_size, "size": c.image_size, "frames": c.num_frames, "tubelet": c.tubelet}
-    raise TypeError(f"flexible patch embedding does not know {type(model).__name__}: expected a CLIP-tower "
-                    f"model (attribute .backbone) or VideoMamba")
-
-
 def resolve_flex_config(cfg: FlexConfig, model: nn.Module, base_frames: int | None = None) -> FlexConfig:
     """``cfg`` with base_patch / base_size / tubelet (and base_frames, if given) taken from ``model``."""
-    geo = native_geometry(model)
-    return dataclasses.replace(cfg, base_patch=geo["patch"], base_size=geo["size"], tubelet=geo["tubelet"],
+    geo = _unwrap(model).native_geometry()
+    return dataclasses.replace(cfg, base_patch=geo.patch, base_size=geo.size, tubelet=geo.tubelet,
                                base_frames=base_frames if base_frames is not None else cfg.base_frames)
 
 
@@ -354,111 +319,32 @@ def flex_collate(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     return batch
 
 
-# ---- the patch hook ---------------------------------------------------------------------------------------------
-def fit_to_grid(x: Tensor, grid_hw: tuple[int, int], patch: int) -> Tensor:
-    """Centre-crop or edge-pad the last two dims of ``x`` to (gh * patch, gw * patch)."""
-    th, tw = grid_hw[0] * patch, grid_hw[1] * patch
-    h, w = x.shape[-2:]
-    if (h, w) == (th, tw):
-        return x
-    top, left = (h - th) // 2, (w - tw) // 2
-    if th <= h and tw <= w:
-        return x[..., top:top + th, left:left + tw]
-    lead = x.shape[:-2]
-    pads = (max(0, -left), max(0, tw - w + max(0, -left)), max(0, -top), max(0, th - h + max(0, -top)))
-    x = F.pad(x.reshape(-1, 1, h, w), pads, mode="replicate").reshape(*lead, h + pads[2] + pads[3], -1)
-    return fit_to_grid(x, grid_hw, patch)  # pad done; crop whatever dimension was too large
-
-
-def _grid_for(h: int, w: int, patch: int, grid: int | None) -> tuple[int, int]:
-    """Token grid of an h x w frame: ``grid`` along the shorter side (aspect kept), else floor(side / patch)."""
-    if grid is None:
-        if min(h, w) < patch:
-            raise ValueError(f"frame {h}x{w} is smaller than the patch size {patch}")
-        return h // patch, w // patch
-    if h <= w:
-        return grid, max(1, int(round(grid * w / h)))
-    return max(1, int(round(grid * h / w))), grid
-
-
-def _install_clip(tower: nn.Module, patch: int, grid: int | None, method: str) -> Callable[[], None]:
-    """Shadow the CLIP tower's ``conv1.forward`` and ``grid_size``: the rest of ``embed`` (CLS, bicubic
-    position embedding for the grid, ln_pre) and every model built on the tower run unchanged."""
-    conv, native = tower.conv1, tower.cfg.patch_size
-
-    def conv_forward(images: Tensor) -> Tensor:
-        gh, gw = _grid_for(images.shape[-2], images.shape[-1], patch, grid)
-        w = conv.weight if patch == native else resize_patch_kernel(conv.weight, patch, method)
-        return F.conv2d(fit_to_grid(images, (gh, gw), patch), w, conv.bias, stride=patch)  # Eq. 4, flexed kernel
-
-    def grid_size(height: int, width: int) -> tuple[int, int]:
-        return _grid_for(height, width, patch, grid)
-
-    conv.forward, tower.grid_size = conv_forward, grid_size
-
-    def undo() -> None:
-        del conv.forward, tower.grid_size
-
-    return undo
-
-
-def _install_videomamba(vm: nn.Module, patch: int, grid: int | None, method: str) -> Callable[[], None]:
-    """Shadow VideoMamba's ``embed``: tubelet Conv3d with a flexed kernel, then the model's own position
-    embeddings for the resulting (n_t, h, w) grid (bicubic p_s, linear p_t, or Park's joint embedding)."""
-    c = vm.config
-    proj = vm.patch_embed.proj
-
-    def embed(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
-        if x.dim() != 5 or x.shape[2] != c.in_chans or x.shape[1] % c.tubelet:
-            raise ValueError(f"{vm.model_name} expects clips (B, T, {c.in_chans}, H, W) with T divisible by the "
-                             f"tubelet {c.tubelet}, got {tuple(x.shape)}")
-        gh, gw = _grid_for(x.shape[-2], x.shape[-1], patch, grid)
-        w = proj.weight if patch == c.patch_size else resize_patch_kernel(proj.weight, patch, method)
-        clip = fit_to_grid(x, (gh, gw), patch).transpose(1, 2).to(w.dtype)  # (B, C, T, H, W)
-        tokens = F.conv3d(clip, w, proj.bias, stride=(c.tubelet, patch, patch))  # (B, D, n_t, h, w)
-        n_t = tokens.shape[2]
-        tokens = tokens.flatten(2).transpose(1, 2)  # 'b d t h w -> b (t h w) d', spatial-first
-        return vm.with_positions_and_cls(tokens, n_t, (gh, gw)), (n_t, gh, gw)
-
-    vm.embed = embed
-
-    def undo() -> None:
-        del vm.embed
-
-    return undo
-
-
+# ---- until the training loop passes geometry=... itself: DELETE with this file ----------------------------------
 def set_patch_size(model: nn.Module, patch: int | None, grid: int | None = None, method: str = "bicubic"
                    ) -> Callable[[], None]:
-    """Make ``model`` embed with ``patch`` x ``patch`` patches until the returned ``undo()`` is called.
+    """Make ``model(x)`` embed with ``patch`` x ``patch`` patches until the returned ``undo()`` is called.
 
-    ``grid`` fixes the token grid along the shorter frame side (static tokens); None takes floor(H / patch).
-    ``patch=None`` with ``grid=None`` changes nothing. Returns the undo function.
+    Kept only for the training loop that still calls :func:`flex_patch`; it hands the geometry to the model's
+    ``forward`` as its argument (so it also holds in checkpoint recomputation). To be deleted at merge.
     """
     model = _unwrap(model)
     if patch is None and grid is None:
         return lambda: None
-    geo = native_geometry(model)
-    patch = geo["patch"] if patch is None else int(patch)
-    if patch < 1:
-        raise ValueError(f"patch size must be >= 1, got {patch}")
-    tower, vm = _clip_tower(model), _videomamba(model)
-    if tower is not None:
-        if "forward" in vars(tower.conv1):
-            raise RuntimeError("a patch size is already set on this model; undo it first")
-        return _install_clip(tower, patch, grid, method)
-    if "embed" in vars(vm):
+    if "forward" in vars(model):
         raise RuntimeError("a patch size is already set on this model; undo it first")
-    return _install_videomamba(vm, patch, grid, method)
+    geometry = TokenGeometry(patch=patch, grid=grid, kernel_resize=method)
+    model.forward = functools.partial(type(model).forward, model, geometry=geometry)
+
+    def undo() -> None:
+        del model.forward
+
+    return undo
 
 
 @contextlib.contextmanager
 def flex_patch(model: nn.Module, shape: FlexShape | int | None, method: str = "bicubic") -> Iterator[nn.Module]:
-    """``with flex_patch(model, batch["shape"]): logits = model(video)``.
-
-    ``shape``: a :class:`FlexShape` (its patch and grid are used), a patch size, or None (no change).
-    The resize runs inside the forward, so gradients reach the stored kernel and position embeddings.
-    """
+    """``with flex_patch(model, batch["shape"]): logits = model(video)``; to be deleted at merge, when the loop
+    calls ``model(video, geometry=TokenGeometry(patch=shape.patch, grid=shape.grid, ...))`` itself."""
     if isinstance(shape, FlexShape):
         undo = set_patch_size(model, shape.patch, shape.grid, method)
     else:
@@ -467,22 +353,3 @@ def flex_patch(model: nn.Module, shape: FlexShape | int | None, method: str = "b
         yield model
     finally:
         undo()
-
-
-def inference_shape(model: nn.Module, frames: int, size: int, policy: str | int = "native") -> FlexShape:
-    """The shape to run ``model`` at on frames x size x size clips.
-
-    ``policy``: "native" keeps the stored patch size (the grid follows the size; the paper's evaluation
-    protocol), "static_tokens" flexes the patch to keep the native grid (how static-tokens training sees
-    every size), or an int patch size.
-    """
-    geo = native_geometry(model)
-    if isinstance(policy, int) or (isinstance(policy, str) and policy.isdigit()):
-        p = int(policy)
-        return FlexShape(frames, size, *_patch_shape(size, p))
-    if policy == "native":
-        return FlexShape(frames, size, *_patch_shape(size, geo["patch"]))
-    if policy == "static_tokens":
-        return static_token_patch(size, geo["size"] // geo["patch"])._replace(frames=frames)
-    raise ValueError(f"patch policy {policy!r}; expected one of {PATCH_POLICIES} or a patch size")
-

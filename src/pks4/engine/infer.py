@@ -210,7 +210,7 @@ def _device(pref: str) -> torch.device:
 
 def _check_patch_policy(policy: str | int) -> str | int:
     """``native`` | ``static_tokens`` | a patch size (int or digits), checked before any loading."""
-    from pks4.flex import PATCH_POLICIES
+    from pks4.models.base import PATCH_POLICIES
 
     if isinstance(policy, int) or str(policy).isdigit():
         if int(policy) < 1:
@@ -221,17 +221,16 @@ def _check_patch_policy(policy: str | int) -> str | int:
     return policy
 
 
-def _at_shape(model: nn.Module, frames: int, size: int, trained_size: int, policy: str | int, method: str) -> Any:
-    """Context that makes ``model`` embed ``size`` px frames with the patch of ``policy`` (:mod:`pks4.flex`:
+def _at_shape(model: nn.Module, frames: int, size: int, trained_size: int, policy: str | int, method: str
+              ) -> nn.Module:
+    """``model`` embedding ``size`` px frames with the patch of ``policy`` (:func:`pks4.models.base.geometry_for`:
     resized patch kernel, bicubic position embeddings). At the size it was trained at with its stored patch
     nothing changes, so the plain forward runs there."""
-    from contextlib import nullcontext
-
-    from pks4.flex import flex_patch, inference_shape
+    from pks4.models.base import at_geometry, geometry_for
 
     if size == trained_size and policy == "native":
-        return nullcontext()
-    return flex_patch(model, inference_shape(model, frames, size, policy), method)
+        return model
+    return at_geometry(model, geometry_for(model, frames, size, policy, kernel_resize=method))
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_list: str | None = None, data_root: str | None = None,
@@ -274,8 +273,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_list: str | None = None, da
         raise ValueError(f"{data_cfg.val}: {len(dataset.classes)} classes but the checkpoint has {len(classes)}")
     loader = DataLoader(dataset, batch_size=batch_size or cfg.eval.batch_size, num_workers=num_workers,
                         collate_fn=collate_skip_bad)
-    with _at_shape(model, spec.frames, data_cfg.size, cfg.data.size, patch_policy, cfg.flex.kernel_resize):
-        out = evaluate(model, loader, frame_order=frame_order)
+    at_shape = _at_shape(model, spec.frames, data_cfg.size, cfg.data.size, patch_policy, cfg.flex.kernel_resize)
+    out = evaluate(at_shape, loader, frame_order=frame_order)
     metrics = compute_metrics(out.probs, out.labels, len(classes))
     if out_dir is not None:
         cm = confusion_matrix(out.probs.argmax(1), out.labels, len(classes))
@@ -301,5 +300,5 @@ def predict_checkpoint(checkpoint: str | Path, videos: Sequence[str | Path], vie
     spec = parse_views(views or cfg.eval.views)
     spec = replace(spec, frames=frames) if frames is not None else spec
     data_cfg = data_config_at(cfg.data, spec.frames, size) if size is not None else cfg.data
-    with _at_shape(model, spec.frames, data_cfg.size, cfg.data.size, patch_policy, cfg.flex.kernel_resize):
-        return predict_videos(model, videos, classes, str(spec), data_cfg.size, data_cfg, topk)
+    at_shape = _at_shape(model, spec.frames, data_cfg.size, cfg.data.size, patch_policy, cfg.flex.kernel_resize)
+    return predict_videos(at_shape, videos, classes, str(spec), data_cfg.size, data_cfg, topk)

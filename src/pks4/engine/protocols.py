@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from pks4.engine.infer import aggregate_views, run_views
-from pks4.flex import data_config_at, flex_patch, inference_shape, resized_video_dataset
+from pks4.flex import data_config_at, resized_video_dataset
+from pks4.layers.geometry import TokenGeometry
+from pks4.models.base import at_geometry, geometry_for
 
 __all__ = [
     "GridResult", "parse_grid", "extract_features", "classify", "eval_grid", "write_grid", "plot_grid",
@@ -45,10 +47,10 @@ def _loader(dataset: Dataset, frames: int | None, size: int | None, batch_size: 
                       collate_fn=collate_skip_bad)
 
 
-def _shape_of(model: nn.Module, video: Tensor, policy: str | int):
-    """(N, T, 3, H, W) or (N, V, T, 3, H, W) -> the FlexShape the policy gives for its (T, H, W)."""
+def _shape_of(model: nn.Module, video: Tensor, policy: str | int, kernel_resize: str) -> TokenGeometry:
+    """(N, T, 3, H, W) or (N, V, T, 3, H, W) -> the token geometry the policy gives for its (T, H, W)."""
     t, h, w = video.shape[-4], video.shape[-2], video.shape[-1]
-    return inference_shape(model, t, min(h, w), policy)
+    return geometry_for(model, t, min(h, w), policy, kernel_resize=kernel_resize)
 
 
 @torch.no_grad()
@@ -69,8 +71,8 @@ def extract_features(model: nn.Module, dataset: Dataset, *, frames: int | None =
             continue
         video = batch["video"]
         views = video if video.ndim == 6 else video.unsqueeze(1)  # (N, V, T, 3, H, W)
-        with flex_patch(model, _shape_of(model, views, policy), kernel_resize):
-            f = model.forward_features(views.flatten(0, 1).to(device)).float()
+        geometry = _shape_of(model, views, policy, kernel_resize)
+        f = model.forward_features(views.flatten(0, 1).to(device), geometry=geometry).float()
         feats.append(f.view(views.shape[0], views.shape[1], -1).mean(1).cpu())
         labels.append(torch.as_tensor(batch["label"]).long())
         indices.append(torch.as_tensor(batch["index"]).long())
@@ -93,8 +95,8 @@ def classify(model: nn.Module, dataset: Dataset, *, frames: int | None = None, s
     for batch in _loader(dataset, frames, size, batch_size, num_workers):
         if batch is None:
             continue
-        with flex_patch(model, _shape_of(model, batch["video"], policy), kernel_resize):
-            probs.append(aggregate_views(run_views(model, batch["video"], chunk=batch_size)).cpu())
+        at_shape = at_geometry(model, _shape_of(model, batch["video"], policy, kernel_resize))
+        probs.append(aggregate_views(run_views(at_shape, batch["video"], chunk=batch_size)).cpu())
         labels.append(torch.as_tensor(batch["label"]).long())
     model.train(was_training)
     acc = topk_accuracy(torch.cat(probs), torch.cat(labels), (1, 5))

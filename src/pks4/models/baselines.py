@@ -12,7 +12,7 @@
   frozen by default: only the adapters and the head train (7.1M trainable for B/16 with bottleneck 384, the
   paper's "7M").
 
-Both take clips (B, T, 3, H, W) and offer the interface of :class:`pks4.models.pks4.PKS4Model`.
+Both take clips (B, T, 3, H, W) and meet the video-model contract of :mod:`pks4.models.base`.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from pks4.layers.geometry import TokenGeometry
 from pks4.layers.posembed import resize_temporal_pos_embed
 from pks4.models.clip_vit import CLIP_VIT_B16, CLIP_VIT_L14, CLIPVisionConfig, CLIPVisionTransformer, ClipVideoHooks
 from pks4.models.pks4_variants import TINY_BACKBONE
@@ -91,11 +92,11 @@ class JointSpaceTimeViT(_ClipVideoModel):
         self.temporal_embedding = nn.Parameter(torch.zeros(cfg.num_frames, cfg.backbone.width))
         self.temporal_embedding._no_weight_decay = True
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor, *, geometry: TokenGeometry | None = None) -> Tensor:
         """x (B, T, 3, H, W) -> ln_post(CLS) @ proj (B, D)."""
         self._check_input(x)
         b, t = x.shape[:2]
-        tokens = self.backbone.embed(x.flatten(0, 1))  # (B*T, 1+N, D), every frame with its own CLS copy
+        tokens = self.backbone.embed(x.flatten(0, 1), geometry)  # (B*T, 1+N, D), each frame with its own CLS
         tokens = tokens.view(b, t, *tokens.shape[1:])
         pos_t = self.temporal_embedding
         if t != pos_t.shape[0]:
@@ -105,6 +106,13 @@ class JointSpaceTimeViT(_ClipVideoModel):
         seq = torch.cat([cls, patches.flatten(1, 2)], dim=1)  # 'b t n d -> b (t n) d', CLS first
         seq = self.backbone.forward_blocks(seq)  # joint attention over 1 + T*N tokens
         return self.backbone.forward_head(self.backbone.forward_head_tokens(seq))
+
+    @torch.no_grad()
+    def _resize_frames(self, frames: int) -> None:
+        """The learned temporal embedding is re-stored for ``frames`` steps (linear, as at run time)."""
+        pos_t = resize_temporal_pos_embed(self.temporal_embedding.detach(), frames)
+        self.temporal_embedding = nn.Parameter(pos_t.clone())
+        self.temporal_embedding._no_weight_decay = True
 
 
 class STAdapter(nn.Module):
@@ -143,12 +151,12 @@ class STAdapterViT(_ClipVideoModel):
         x = self.adapters[i](tokens.view(-1, t, *tokens.shape[1:]), grid_hw).flatten(0, 1)
         return self.backbone.blocks[i](x)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor, *, geometry: TokenGeometry | None = None) -> Tensor:
         """x (B, T, 3, H, W) -> temporal average of the per-frame image embeddings (B, D)."""
         self._check_input(x)
         b, t = x.shape[:2]
-        grid_hw = self.backbone.grid_size(x.shape[-2], x.shape[-1])
-        tokens = self.backbone.embed(x.flatten(0, 1))  # (B*T, 1+N, D)
+        grid_hw = self.backbone.grid_size(x.shape[-2], x.shape[-1], geometry)
+        tokens = self.backbone.embed(x.flatten(0, 1), geometry)  # (B*T, 1+N, D)
         for i in range(self.backbone.num_blocks):
             if self.backbone.grad_checkpointing and torch.is_grad_enabled():
                 tokens = torch.utils.checkpoint.checkpoint(self._block, i, tokens, t, grid_hw, use_reentrant=False)

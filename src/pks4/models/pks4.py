@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pks4.layers.geometry import TokenGeometry
 from pks4.layers.vit import LayerNorm
 from pks4.models.clip_vit import CLIP_VIT_B16, CLIPVisionConfig, CLIPVisionTransformer, ClipVideoHooks
 from pks4.ssm.mixer import MambaMixer
@@ -356,12 +357,12 @@ class PKS4Model(ClipVideoHooks, nn.Module):
         loaded = load_pretrained_backbone(path, image_size=self.config.backbone.image_size)
         self.backbone.load_state_dict(loaded.state_dict())
 
-    def frame_features(self, x: Tensor) -> Tensor:
+    def frame_features(self, x: Tensor, *, geometry: TokenGeometry | None = None) -> Tensor:
         """x (B, T, 3, H, W) -> per-frame features v_t (B, T, D) (§3.1 'video-level prediction')."""
         self._check_input(x)
         b, t = x.shape[:2]
-        grid_hw = self.backbone.grid_size(x.shape[-2], x.shape[-1])
-        tokens = self.backbone.embed(x.flatten(0, 1))  # (B*T, 1+N, C)
+        grid_hw = self.backbone.grid_size(x.shape[-2], x.shape[-1], geometry)
+        tokens = self.backbone.embed(x.flatten(0, 1), geometry)  # (B*T, 1+N, C)
         if self.module is None:
             tokens = self.backbone.forward_blocks(tokens)
         else:
@@ -371,6 +372,6 @@ class PKS4Model(ClipVideoHooks, nn.Module):
         v = self.backbone.forward_head(self.backbone.forward_head_tokens(tokens))
         return v.view(b, t, -1)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor, *, geometry: TokenGeometry | None = None) -> Tensor:
         """Pooled clip feature (B, D): temporal average of the frame features (Eq. 8)."""
-        return self.frame_features(x).mean(dim=1)
+        return self.frame_features(x, geometry=geometry).mean(dim=1)
