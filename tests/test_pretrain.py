@@ -10,7 +10,7 @@ from pks4.engine.config import ModelConfig, OptimConfig
 from pks4.engine.optim import build_optimizer
 from pks4.engine.pretrain import (AlignmentObjective, MaskConfig, PretrainConfig, TeacherConfig,
                                   build_student, build_teacher)
-from pks4.models.registry import create_model
+from pks4.weights import create_model  # the builder reads `pretrained` first
 
 RECIPE = """
 model: {name: videomamba_li_micro}

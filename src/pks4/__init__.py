@@ -14,7 +14,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "create_model": "pks4.models.registry",
+    "create_model": "pks4.weights",  # the builder: registry models, pretrained weights read first
     "list_models": "pks4.models.registry",
     "selective_scan": "pks4.ssm.scan",
     "selective_scan_ref": "pks4.ssm.scan",

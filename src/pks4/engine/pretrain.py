@@ -20,7 +20,7 @@ part, so a fine-tuning run starts from the student directly::
 
     pks4 train RECIPE.yaml --set model.overrides.pretrained=RUN/checkpoints/step-00001000
 
-(:func:`pks4.weights_videomamba.load_videomamba_checkpoint`: a new head, position embeddings resized to the
+(:func:`pks4.weights.videomamba.load_videomamba_checkpoint`: a new head, position embeddings resized to the
 fine-tuning frame count and size), or ``--set model.init_from=RUN --set model.partial_load=true`` for the same
 sizes. The last block, ``norm_f`` and the head receive no gradient from the alignment (the student is read at
 the residual stream entering its last block), so they are frozen here and start fine-tuning as initialised.

@@ -159,7 +159,7 @@ class StopFlag:
 
 def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     """Registry model with the data's class count and clip length, plus freezing / checkpointing options."""
-    from pks4.models.registry import create_model
+    from pks4.weights import create_model  # the builder: a `pretrained` override is read before building
 
     overrides = {"num_frames": cfg.data.num_frames, "image_size": cfg.data.size, **cfg.model.overrides,
                  "num_classes": num_classes}

@@ -37,7 +37,7 @@ class JointViTConfig:
     num_classes: int = 174
     num_frames: int = 8  # length of the learned temporal embedding; other T interpolate it linearly
     head_dropout: float = 0.0
-    pretrained: str = ""  # CLIP checkpoint for the backbone; "" = random init
+    pretrained: str = ""  # CLIP checkpoint the builder (pks4.weights.create_model) reads first; "" = random init
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):
@@ -57,7 +57,7 @@ class STAdapterConfig:
     adapter_kernel_t: int = 3  # temporal extent of the depthwise Conv3d kernel (t, 1, 1)
     freeze_backbone: bool = True  # ST-Adapter trains adapters + head only
     head_dropout: float = 0.0
-    pretrained: str = ""
+    pretrained: str = ""  # CLIP checkpoint the builder (pks4.weights.create_model) reads first; "" = random init
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):
@@ -73,11 +73,6 @@ class _ClipVideoModel(ClipVideoHooks, nn.Module):
         super().__init__()
         self.config, self.model_name = cfg, model_name
         self.backbone = CLIPVisionTransformer(cfg.backbone)
-        if cfg.pretrained:
-            from pks4.weights import load_pretrained_backbone  # weights reads files; models stay import-light
-
-            loaded = load_pretrained_backbone(cfg.pretrained, image_size=cfg.backbone.image_size)
-            self.backbone.load_state_dict(loaded.state_dict())
         self.head_drop = nn.Dropout(cfg.head_dropout)
         self.head = nn.Linear(cfg.backbone.output_dim or cfg.backbone.width, cfg.num_classes)
         nn.init.normal_(self.head.weight, std=0.02)
@@ -168,14 +163,16 @@ class STAdapterViT(_ClipVideoModel):
 
 MODELS = {
     "vit_b16_joint": ModelSpec(JointSpaceTimeViT, JointViTConfig, dict(backbone=CLIP_VIT_B16),
-                               "CLIP ViT-B/16 with joint space-time attention (TimeSformer-joint)"),
+                               "CLIP ViT-B/16 with joint space-time attention (TimeSformer-joint)", "clip_tower"),
     "vit_tiny_joint": ModelSpec(JointSpaceTimeViT, JointViTConfig, dict(backbone=TINY_BACKBONE, num_classes=10),
-                                "tiny joint space-time attention ViT"),
+                                "tiny joint space-time attention ViT", "clip_tower"),
     "stadapter_vit_b16": ModelSpec(STAdapterViT, STAdapterConfig, dict(backbone=CLIP_VIT_B16, adapter_dim=384),
-                                   "ST-Adapter (depthwise 3D-conv adapter in every block) on frozen CLIP ViT-B/16"),
+                                   "ST-Adapter (depthwise 3D-conv adapter in every block) on frozen CLIP ViT-B/16",
+                                   "clip_tower"),
     "stadapter_vit_l14": ModelSpec(STAdapterViT, STAdapterConfig, dict(backbone=CLIP_VIT_L14, adapter_dim=384),
-                                   "ST-Adapter on frozen CLIP ViT-L/14 (19.1M trainable; PKS4 Table 1: 20M)"),
+                                   "ST-Adapter on frozen CLIP ViT-L/14 (19.1M trainable; PKS4 Table 1: 20M)",
+                                   "clip_tower"),
     "stadapter_vit_tiny": ModelSpec(STAdapterViT, STAdapterConfig,
                                     dict(backbone=TINY_BACKBONE, adapter_dim=64, num_classes=10),
-                                    "tiny ST-Adapter ViT"),
+                                    "tiny ST-Adapter ViT", "clip_tower"),
 }

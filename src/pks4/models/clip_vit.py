@@ -41,6 +41,9 @@ class CLIPVisionConfig:
     quick_gelu: bool = True  # OpenAI weights were trained with QuickGELU and need it
     ln_eps: float = 1e-5
     drop_path: float = 0.0  # maximum stochastic-depth rate, increased linearly over depth
+    # A pretrained checkpoint fixes the activation (and eps, heads) where its files state them: a contradicting
+    # request is refused by the builder (pks4.weights.create_model) unless this is set.
+    force_activation: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size != 0:

@@ -85,7 +85,7 @@ class PKS4Config:
     zero_init_residual: bool = True
     head_dropout: float = 0.0
     scan_backend: str = "auto"
-    pretrained: str = ""  # path to a CLIP checkpoint (any layout pks4.weights reads); "" = random init
+    pretrained: str = ""  # CLIP checkpoint the builder (pks4.weights.create_model) reads first; "" = random init
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):  # rebuilt from a checkpoint's saved config
@@ -335,14 +335,16 @@ class PKS4Module(nn.Module):
 
 # ---- the model -----------------------------------------------------------------------------------------------
 class PKS4Model(ClipVideoHooks, nn.Module):
-    """CLIP ViT + one PKS4 module + temporal average pooling + linear head. Input (B, T, 3, H, W)."""
+    """CLIP ViT + one PKS4 module + temporal average pooling + linear head. Input (B, T, 3, H, W).
+
+    Built with random weights; ``pks4.weights.create_model(name, pretrained=...)`` builds the tower from a
+    CLIP checkpoint first and then attaches the module and head.
+    """
 
     def __init__(self, cfg: PKS4Config, model_name: str = "pks4") -> None:
         super().__init__()
         self.config, self.model_name = cfg, model_name
         self.backbone = CLIPVisionTransformer(cfg.backbone)
-        if cfg.pretrained:
-            self._load_backbone(cfg.pretrained)
         width = cfg.backbone.width
         self.module = PKS4Module(width, cfg) if cfg.use_module else None
         feat_dim = cfg.backbone.output_dim or width
@@ -350,12 +352,6 @@ class PKS4Model(ClipVideoHooks, nn.Module):
         self.head = nn.Linear(feat_dim, cfg.num_classes)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
-
-    def _load_backbone(self, path: str) -> None:
-        from pks4.weights import load_pretrained_backbone  # weights reads files; models stay import-light
-
-        loaded = load_pretrained_backbone(path, image_size=self.config.backbone.image_size)
-        self.backbone.load_state_dict(loaded.state_dict())
 
     def frame_features(self, x: Tensor, *, geometry: TokenGeometry | None = None) -> Tensor:
         """x (B, T, 3, H, W) -> per-frame features v_t (B, T, D) (§3.1 'video-level prediction')."""

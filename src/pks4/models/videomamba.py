@@ -7,7 +7,7 @@
   ("B-Mamba": RMSNorm, the residual added in fp32 before the norm), a final norm and a linear head on CLS.
   Registry names ``videomamba_tiny/small/middle`` as in the official code; parameter names equal the
   released checkpoints (``cls_token, pos_embed, temporal_pos_embedding, patch_embed.proj, layers.i.norm,
-  layers.i.mixer.*, norm_f, head``), so those load 1:1 through :mod:`pks4.weights_videomamba`.
+  layers.i.mixer.*, norm_f, head``), so those load 1:1 through :mod:`pks4.weights.videomamba`.
 * **Park et al.** (ECCV 2024, "VideoMamba: Spatio-Temporal Selective State Space Model"), §4: d = 384,
   24 blocks, 2x16x16 tubelets, a CLS token, ONE position embedding over all n_t*n_h*n_w video tokens
   (§4.2, Table 3) and the spatio-temporal forward/backward SSM with three backward orders (§4.4, Table 2).
@@ -99,7 +99,8 @@ class VideoMambaConfig:
     head_dropout: float = 0.0
     init: str = "mamba"  # "mamba" | "official" (module docstring)
     scan_backend: str = "auto"
-    pretrained: str = ""  # official / pks4 VideoMamba checkpoint to start from; its head is re-initialised
+    pretrained: str = ""  # official / pks4 VideoMamba checkpoint the builder (pks4.weights.create_model) loads
+    # after building the model; its head is re-initialised
 
     def __post_init__(self) -> None:
         checks = (("scan", self.scan, SCAN_ORDERS), ("pos_embed", self.pos_embed, POS_EMBEDS),
@@ -282,8 +283,6 @@ class VideoMamba(nn.Module):
         self.grad_checkpointing = False
         self._plans: dict[tuple, list[_ScanPlan]] = {}
         self.reset_parameters()
-        if cfg.pretrained:
-            self._load_pretrained(cfg.pretrained)
 
     def _make_mixer(self) -> MambaMixer:
         c = self.config
@@ -312,11 +311,6 @@ class VideoMamba(nn.Module):
             # Without a CLS position embedding a zero CLS stays zero: its own gate z = in_proj(0) = 0 closes
             # the mixer output at that position in every block, so the head would read a constant.
             nn.init.trunc_normal_(self.cls_token, std=0.02)
-
-    def _load_pretrained(self, path: str) -> None:
-        from pks4.weights_videomamba import load_videomamba_checkpoint  # weights reads files; models stay light
-
-        load_videomamba_checkpoint(self, path, reinit_head=True)
 
     # ---- properties the engine reads ----------------------------------------------------------------------
     @property
@@ -491,17 +485,16 @@ _PARK = dict(embed_dim=384, depth=24, tubelet=2, num_frames=16, pos_embed="joint
              scan="spatiotemporal_reversal", inflate="repeat_avg")
 _MICRO = dict(embed_dim=64, depth=4, patch_size=8, image_size=64, num_frames=8, num_classes=10)
 
+def _spec(defaults: dict, description: str) -> ModelSpec:
+    return ModelSpec(VideoMamba, VideoMambaConfig, defaults, description, checkpoint="videomamba")
+
+
 MODELS = {
-    "videomamba_tiny": ModelSpec(VideoMamba, VideoMambaConfig, dict(embed_dim=192, depth=24),
-                                 "VideoMamba-Ti (Li et al.): d 192, 24 blocks, 1x16x16 tubelets"),
-    "videomamba_small": ModelSpec(VideoMamba, VideoMambaConfig, dict(embed_dim=384, depth=24),
-                                  "VideoMamba-S (Li et al.): d 384, 24 blocks"),
-    "videomamba_middle": ModelSpec(VideoMamba, VideoMambaConfig, dict(embed_dim=576, depth=32),
-                                   "VideoMamba-M (Li et al.): d 576, 32 blocks"),
-    "videomamba_park": ModelSpec(VideoMamba, VideoMambaConfig, _PARK,
-                                 "VideoMamba (Park et al.): d 384, 24 blocks, 2x16x16 tubelets, joint pos-embed"),
-    "videomamba_li_micro": ModelSpec(VideoMamba, VideoMambaConfig, dict(_MICRO),
-                                     "tiny Li-style VideoMamba for tests and the CPU demo"),
-    "videomamba_park_micro": ModelSpec(VideoMamba, VideoMambaConfig, {**_PARK, **_MICRO},
-                                       "tiny Park-style VideoMamba for tests and the CPU demo"),
+    "videomamba_tiny": _spec(dict(embed_dim=192, depth=24),
+                             "VideoMamba-Ti (Li et al.): d 192, 24 blocks, 1x16x16 tubelets"),
+    "videomamba_small": _spec(dict(embed_dim=384, depth=24), "VideoMamba-S (Li et al.): d 384, 24 blocks"),
+    "videomamba_middle": _spec(dict(embed_dim=576, depth=32), "VideoMamba-M (Li et al.): d 576, 32 blocks"),
+    "videomamba_park": _spec(_PARK, "VideoMamba (Park et al.): d 384, 24 blocks, 2x16x16 tubelets, joint pos-embed"),
+    "videomamba_li_micro": _spec(dict(_MICRO), "tiny Li-style VideoMamba for tests and the CPU demo"),
+    "videomamba_park_micro": _spec({**_PARK, **_MICRO}, "tiny Park-style VideoMamba for tests and the CPU demo"),
 }
