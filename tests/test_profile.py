@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pks4.engine import profile as prof
 from pks4.engine.profile import FlopConvention, build_model, count_flops, profile_model, training_compute
-from pks4.models.registry import count_parameters, list_models
+from pks4.models.registry import count_parameters, create_model, list_models
 
 FULL = FlopConvention()
 NO_ATTN = FlopConvention(count_attention=False)
@@ -108,6 +108,15 @@ def test_scan_and_correlation_counted_per_call():
     counter = prof._run_counted(model, torch.zeros(1, 4, 3, 64, 64), on_meta=True)
     corr = counter.get_flop_counts()["Global"]["correlation"] // 2
     assert corr == prof.correlation_macs(4 * 8 * 8, 4, 5, 128)  # 4 frames of an 8x8 grid, K=4, 5x5, C=128
+
+
+def test_correlation_counted_as_the_operator_whichever_path_computes_it():
+    counts = []
+    for path in ("fast", "reference"):
+        model = create_model("pks4_vit_tiny", correlation=path)
+        counter = prof._run_counted(model, torch.zeros(1, 4, 3, 64, 64), on_meta=False)
+        counts.append(counter.get_flop_counts()["Global"])
+    assert counts[0] == counts[1] and counts[0]["correlation"] // 2 == prof.correlation_macs(4 * 8 * 8, 4, 5, 128)
 
 
 def test_meta_and_real_counts_agree():

@@ -13,10 +13,11 @@ operations it cannot see are counted analytically, per call, from the shapes:
   state element 4 multiplies (delta*A, B*(delta*u), decay*h + inject, C*h accumulated), per channel and step
   1 (delta*u) + 1 for the D skip + 1 for the silu(z) gate: batch*d_inner*L*(4*d_state + 3) multiply-adds.
   exp/softplus/silu themselves are not counted, as no activation is.
-* **the PKS4 correlation volume** (:func:`pks4.models.pks4.local_correlation`, Eq. 15): K * w^2 * C
+* **the PKS4 correlation volume** (:func:`pks4.models.pks4.correlation_scores`, Eq. 15): K * w^2 * C
   multiply-adds per token, the operator's own cost. The implementation may spend more (the fast path computes
   all N x N similarities with one matmul and gathers the windows: N / w^2 = 2.4x for 14x14 patches and 9x9),
-  so the call is replaced by a stand-in while counting and its internals are not counted.
+  so while counting, the operator's call (which torch function modes see, by its design) is answered by a
+  stand-in and its internals are not counted.
 
 Two switches reproduce the published tables (see ``benchmarks/README.md`` for the numbers):
 
@@ -154,13 +155,25 @@ def _scan_standin(counter: FlopCounterMode) -> Callable:
     return selective_scan
 
 
-def _correlation_standin(counter: FlopCounterMode) -> Callable:
-    def local_correlation(f, offsets, window, pad):
-        b, t, h, w, c = f.shape
-        _add(counter, "correlation", correlation_macs(b * t * h * w, len(offsets), window, c))
-        return f.new_zeros(b, t, h, w, len(offsets) * window**2)
+class _CorrelationCounter(TorchFunctionMode):
+    """Counts each call of the PKS4 correlation operator from its shapes and returns zero scores of the right
+    shape: :func:`pks4.models.pks4.correlation_scores` takes part in torch's function-override protocol, so
+    the operator is seen here as one call, whichever path (``correlation`` config switch) would compute it."""
 
-    return local_correlation
+    def __init__(self, counter: FlopCounterMode) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from pks4.models.pks4 import correlation_scores
+
+        kwargs = kwargs or {}
+        if func is correlation_scores:
+            f, offsets, window = args[0], args[1], args[2]
+            b, t, h, w, c = f.shape
+            _add(self.counter, "correlation", correlation_macs(b * t * h * w, len(offsets), window, c))
+            return f.new_zeros(b, t, h, w, len(offsets) * window**2)
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -187,15 +200,12 @@ def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _run_counted(model: nn.Module, x: torch.Tensor, on_meta: bool) -> FlopCounterMode:
-    from pks4.models import pks4 as pks4_model
     from pks4.ssm.scan import selective_scan
 
     counter = FlopCounterMode(display=False)
     swaps = {selective_scan: _scan_standin(counter)}
-    for name in ("local_correlation", "local_correlation_ref"):  # the operator, whichever path computes it
-        if hasattr(pks4_model, name):
-            swaps[getattr(pks4_model, name)] = _correlation_standin(counter)
-    with _swap_functions(swaps), counter, _AttentionCounter(counter), torch.no_grad():
+    with _swap_functions(swaps), counter, _AttentionCounter(counter), _CorrelationCounter(counter), \
+            torch.no_grad():
         if on_meta:
             torch.func.functional_call(model, _meta_state(model), (x.to("meta"),), strict=False)
         else:

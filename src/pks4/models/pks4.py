@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import handle_torch_function, has_torch_function
 
 from pks4.layers.geometry import TokenGeometry
 from pks4.layers.vit import LayerNorm
@@ -57,6 +58,7 @@ from pks4.models.clip_vit import CLIP_VIT_B16, CLIPVisionConfig, CLIPVisionTrans
 from pks4.ssm.mixer import MambaMixer
 
 CLS_ROUTES = ("t1d", "tsm", "tokenshift", "none")
+CORRELATIONS = ("fast", "reference")
 
 
 @dataclass
@@ -74,6 +76,7 @@ class PKS4Config:
     context_frames: int = 4  # Table 8
     corr_window: int = 9  # spatial search window of the correlation (9x9, §4.2)
     corr_context: int = 1  # psi_corr's first layer: 1 = per position (paper counts), k = k x k conv over the grid
+    correlation: str = "fast"  # how Eq. 15 is computed: "fast" (one matmul + gather) | "reference" (plain)
     var_ratio: float = 0.25  # width of the variation projection, as a fraction of C
     d_state: int = 16  # §4.2
     d_conv: int = 4
@@ -102,6 +105,8 @@ class PKS4Config:
             raise ValueError(f"corr_window must be odd, got {self.corr_window}")
         if self.corr_context < 1 or self.corr_context % 2 != 1:
             raise ValueError(f"corr_context must be an odd kernel size >= 1, got {self.corr_context}")
+        if self.correlation not in CORRELATIONS:
+            raise ValueError(f"correlation {self.correlation!r} not in {CORRELATIONS}")
 
 
 # ---- Kinematic Prior Encoder (§3.3) --------------------------------------------------------------------------
@@ -171,6 +176,23 @@ def local_correlation(f: Tensor, offsets: list[int], window: int, pad: str) -> T
     return s.permute(0, 2, 1, 3).reshape(b, t, h, w, k * window * window)
 
 
+def correlation_scores(f: Tensor, offsets: list[int], window: int, pad: str, impl: str = "fast") -> Tensor:
+    """Eq. 15 through the path ``impl`` names ("fast": :func:`local_correlation`, "reference":
+    :func:`local_correlation_ref`); the correlation operator's one entry point.
+
+    It takes part in torch's function-override protocol (``torch.overrides.handle_torch_function``), so a
+    ``TorchFunctionMode`` sees one call of this operator: ``pks4 profile`` books the operator's own cost there
+    (K * w^2 * C multiply-adds per token) instead of counting whatever the chosen path spends internally.
+    """
+    if has_torch_function((f,)):
+        return handle_torch_function(correlation_scores, (f,), f, offsets, window, pad, impl)
+    if impl == "fast":
+        return local_correlation(f, offsets, window, pad)
+    if impl == "reference":
+        return local_correlation_ref(f, offsets, window, pad)
+    raise ValueError(f"correlation {impl!r} not in {CORRELATIONS}")
+
+
 class GridConv(nn.Conv2d):
     """A k x k convolution over the patch grid of channels-last maps: (B, T, H, W, D_in) -> (B, T, H, W, D_out).
 
@@ -190,19 +212,21 @@ class CorrelationOperator(nn.Module):
     """O_corr (Eq. 15-16): local space-time correlation of normalised features, projected by psi_corr.
 
     ``context`` is the spatial kernel of psi_corr's first layer (see the module docstring): 1 is a per-position
-    Linear, k > 1 a :class:`GridConv` that also reads the neighbours' scores.
+    Linear, k > 1 a :class:`GridConv` that also reads the neighbours' scores. ``impl`` picks the path computing
+    Eq. 15 (see :func:`correlation_scores`).
     """
 
-    def __init__(self, dim: int, offsets: list[int], window: int, pad: str, context: int = 1) -> None:
+    def __init__(self, dim: int, offsets: list[int], window: int, pad: str, context: int = 1,
+                 impl: str = "fast") -> None:
         super().__init__()
-        self.offsets, self.window, self.pad = offsets, window, pad
+        self.offsets, self.window, self.pad, self.impl = offsets, window, pad, impl
         scores = len(offsets) * window**2
         first = nn.Linear(scores, dim) if context == 1 else GridConv(scores, dim, context)
         self.psi = nn.Sequential(first, nn.GELU(), nn.Linear(dim, dim))
 
     def forward(self, f: Tensor) -> Tensor:
         """f (B, T, H, W, C) -> F^corr (B, T, H, W, C) = f + psi_corr(S)."""
-        s = local_correlation(F.normalize(f, dim=-1), self.offsets, self.window, self.pad)
+        s = correlation_scores(F.normalize(f, dim=-1), self.offsets, self.window, self.pad, self.impl)
         return f + self.psi(s)
 
 
@@ -227,8 +251,8 @@ class KinematicPriorEncoder(nn.Module):
         super().__init__()
         offsets = temporal_offsets(cfg.context_frames)
         self.norm = LayerNorm(dim)
-        self.corr = (CorrelationOperator(dim, offsets, cfg.corr_window, cfg.temporal_pad, cfg.corr_context)
-                     if cfg.use_corr else None)
+        self.corr = (CorrelationOperator(dim, offsets, cfg.corr_window, cfg.temporal_pad, cfg.corr_context,
+                                         cfg.correlation) if cfg.use_corr else None)
         use_var = cfg.use_var and offsets != [0]
         var_dim = max(1, int(dim * cfg.var_ratio))
         self.var = VariationOperator(dim, var_dim, offsets, cfg.temporal_pad) if use_var else None
