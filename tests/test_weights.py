@@ -427,14 +427,15 @@ def test_requested_tower_options_against_the_checkpoint(tmp_path, vision_sd):
 
 
 def test_pretrained_is_only_read_by_the_builder(tmp_path, vision_sd):
+    import pks4
     from pks4.models import registry
 
     path = write_hf_gelu_folder(tmp_path, vision_sd)
     with pytest.raises(ValueError, match="read by pks4.weights.create_model"):
         registry.create_model("vit_tiny_avgpool", pretrained=str(path))
+    with pytest.raises(ValueError, match="read by pks4.weights.create_model"):
+        registry.model_from_config("vit_tiny_avgpool", {"pretrained": str(path)})
     with pytest.raises(CheckpointError, match="no such file"):
-        import pks4
-
         pks4.create_model("pks4_vit_tiny", pretrained=tmp_path / "absent.pt")
 
 

@@ -1,7 +1,8 @@
 """Evaluation protocols of StretchySnake (§5): the resolution x frames grid (Table 1), video retrieval,
 linear probing on frozen features (Table 2) and 2-D embedding maps (Fig. 4), for any checkpoint.
 
-Every protocol runs the model at a chosen (T, H) and patch policy through :mod:`pks4.flex`, and classifies
+Every protocol runs the model at a chosen (T, H) and patch policy (the token geometry of
+:func:`pks4.models.base.geometry_for`, passed to the model's forward), and classifies
 through :func:`pks4.engine.infer.run_views` (the one inference path). Accuracies are percentages.
 
 * Retrieval: features of the training set are the gallery, validation clips the queries; a query is a hit
