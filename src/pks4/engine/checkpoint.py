@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pks4.errors import UserError
 from pks4.weights import LoadReport
 
 __all__ = [
@@ -44,7 +45,7 @@ STATE_FILE = "state.pt"
 _STEP_DIR = re.compile(r"step-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, truncated, unsafe or does not fit the model (the message names the file)."""
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from pks4.data.datasets import DataConfig
+from pks4.errors import UserError
 from pks4.flex import FlexConfig
 
 __all__ = [
@@ -29,7 +30,7 @@ __all__ = [
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration key or value that does not fit the typed config (the message names the key)."""
 
 
