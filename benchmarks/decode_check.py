@@ -8,8 +8,9 @@ run, interleaved, so the ratio is free of machine drift:
     .venv/bin/python benchmarks/decode_check.py [--baseline fe215d4] [--repeats 15] [--out benchmarks/decode_check.md]
 
 Files: a 10 s 340x256 30 fps clip (the size NOTES.md measures) as H.264 mp4 (x264's default keyframe interval, and
-a keyframe every 12 frames, where sparse decoding skips the most and a fixed cost shows the most) and VP9 webm (keyframe every 60 frames), and an SSV2-like 3 s 24 fps VP9 webm; each read takes 8 or 32 frames at the
-centre of 8 / 32 segments, as evaluation does.
+a keyframe every 12 frames, where sparse decoding skips the most and a fixed cost shows the most) and as VP9 webm
+(keyframe every 60 frames), and an SSV2-like 3 s 24 fps VP9 webm; each read takes 8 or 32 frames at the centre of
+8 / 32 segments, as evaluation does.
 """
 from __future__ import annotations
 

@@ -147,7 +147,8 @@ def test_a_user_error_raised_in_a_dataloader_worker_stays_one_line():
     with pytest.raises(Exception) as wrapped:
         next(iter(loader))
     assert "Original Traceback" in str(wrapped.value)  # torch re-raises it with the worker's traceback inside
-    assert user_message(wrapped.value) == "/videos/cut.mp4: decoding failed (Invalid data); file is corrupt or truncated"
+    expected = "/videos/cut.mp4: decoding failed (Invalid data); file is corrupt or truncated"
+    assert user_message(wrapped.value) == expected
 
 
 # ------------------------------------------------------------------------------------------ the boundary
