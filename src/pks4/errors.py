@@ -68,13 +68,14 @@ _ERRNO_PROBLEMS: dict[int, str] = {
 }
 
 
-def describe_os_error(exc: OSError) -> str:
-    """``<file>: <problem>`` for an OSError (``<file> -> <file2>`` for a failed rename or link)."""
+def describe_os_error(exc: OSError, *, path: bool = True) -> str:
+    """``<file>: <problem>`` for an OSError (``<file> -> <file2>`` for a failed rename or link); only the
+    problem with ``path`` False or when the error names no file."""
     problem = _ERRNO_PROBLEMS.get(exc.errno or -1) or (exc.strerror or str(exc))
     if exc.errno == errno.ENAMETOOLONG and exc.filename is not None:
         longest = max((len(part) for part in Path(os.fsdecode(exc.filename)).parts), default=0)
         problem += f" (its longest part has {longest} characters; most file systems allow 255 bytes)"
-    if exc.filename is None:
+    if exc.filename is None or not path:
         return problem
     where = os.fsdecode(exc.filename)
     if exc.filename2 is not None:
