@@ -92,7 +92,7 @@ def _open(path: str | os.PathLike) -> av.container.InputContainer:
     try:
         st = p.stat()
     except OSError as e:  # missing, a symlink loop, a name too long, a folder without permission
-        reason = "file not found" if isinstance(e, FileNotFoundError) else describe_os_error(e).split(": ")[-1]
+        reason = "file not found" if isinstance(e, FileNotFoundError) else describe_os_error(e, path=False)
         raise VideoError(p, reason) from None
     if stat.S_ISDIR(st.st_mode):
         raise VideoError(p, "is a directory, not a video file (for frame folders use the rawframes format)")
@@ -223,12 +223,10 @@ def _tail_agrees(container, stream, header: _Timeline) -> bool:
 
     Costs one seek and the demuxing (no decoding) of that interval.
     """
-    if stream.time_base is None:
-        return True  # nothing to compare against: sampling falls back to decoding order anyway
     try:
         container.seek((stream.start_time or 0) + int(header.duration / stream.time_base), stream=stream,
                        backward=True, any_frame=False)
-    except (av.error.FFmpegError, OSError):
+    except (av.error.FFmpegError, OSError, OverflowError):  # OverflowError: a header claiming ~10^12 s
         return False
     times = _packet_times(container, stream)
     if not times or abs(times[-1] * header.fps + 1 - header.num_frames) > _tolerance(header.num_frames):
@@ -255,8 +253,10 @@ def _rewind(container, stream) -> bool:
 def _timeline(container, stream, path) -> _Timeline:
     """Frame count and rate from the header, checked against the packets (module docstring)."""
     fps = _stream_fps(stream)
-    if int(container.format.flags) & _NO_TIMESTAMPS:
+    if int(container.format.flags) & _NO_TIMESTAMPS or stream.time_base is None:
         n = sum(1 for pkt in container.demux(stream) if pkt.size > 0)
+        if n == 0:
+            raise VideoError(path, "video stream holds no data packets (file truncated or corrupt)")
         return _Timeline(n, fps, n / fps, by_time=False)
     duration = _stream_duration(container, stream)
     stated = int(stream.frames or 0)
@@ -421,7 +421,7 @@ def _decode_wanted(src: _Source, wanted: list[int], convert: _Converter, *,
         try:
             container.seek(start + int(first_time / tb) if first_time > 0.5 else 0, stream=stream,
                            backward=True, any_frame=False)
-        except (av.error.FFmpegError, OSError):
+        except (av.error.FFmpegError, OSError, OverflowError):
             return None
     found: dict[int, np.ndarray] = {}
     pending = list(wanted)
