@@ -87,10 +87,12 @@ def test_require_regular_file_names_what_the_path_is(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "ok.yaml").write_text("a: 1\n")
     assert require_regular_file(tmp_path / "ok.yaml") == tmp_path / "ok.yaml"
-    for path, words in ((tmp_path / "fifo", "FIFO"), (tmp_path, "a directory"), ("/dev/null", "a device"),
-                        (tmp_path / "nope", "no such file")):
-        with pytest.raises(UserError, match=words):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for path, words in ((tmp_path / "fifo", "is a FIFO"), (tmp_path, "is a directory"), ("/dev/null", "is a device"),
+                        (tmp_path / "nope", "config file not found"), (tmp_path / "loop", "symbolic links")):
+        with pytest.raises(UserError, match=words) as err:
             require_regular_file(path, "config file")
+        assert str(path) in str(err.value)
 
 
 # -------------------------------------------------------------------------------------- classification

@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import Callable, Sequence, TextIO
 
 __all__ = ["UserError", "EXIT_USER", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "describe_os_error", "user_message",
-           "debug_requested", "split_debug_flag", "run_guarded", "require_regular_file"]
+           "debug_requested", "split_debug_flag", "run_guarded", "require_regular_file", "file_kind"]
 
 EXIT_USER = 2  # what argparse uses for a bad command line, so every user mistake exits alike
 EXIT_INTERNAL = 1
@@ -83,6 +83,22 @@ def describe_os_error(exc: OSError, *, path: bool = True) -> str:
     return f"{where}: {problem}"
 
 
+def file_kind(mode: int) -> str | None:
+    """What a ``st_mode`` that is not a regular file is ("a directory", "a FIFO (named pipe)", ...); None for
+    a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
 def require_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     """``path`` as a Path if it is a regular file (or a link to one); else a UserError saying what it is.
 
@@ -90,15 +106,14 @@ def require_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     """
     p = Path(path)
     try:
-        mode = p.stat().st_mode
+        kind = file_kind(p.stat().st_mode)
+    except FileNotFoundError:
+        raise UserError(f"{p}: {what} not found") from None
     except OSError as exc:
         raise UserError(f"{what} {describe_os_error(exc)}") from None
-    if stat.S_ISREG(mode):
-        return p
-    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-            else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "not a regular file")
-    raise UserError(f"{p}: is {kind}, not a regular {what}")
+    if kind is not None:
+        raise UserError(f"{p}: is {kind}, not a {what}")
+    return p
 
 
 # -------------------------------------------------------------------------------------------- classifying

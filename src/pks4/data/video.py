@@ -26,7 +26,6 @@ What a header says is checked against the packets before it is trusted (:func:`_
 from __future__ import annotations
 
 import os
-import stat
 import threading
 import warnings
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 
-from pks4.errors import UserError, describe_os_error
+from pks4.errors import UserError, describe_os_error, file_kind
 
 __all__ = [
     "DataError",
@@ -94,10 +93,10 @@ def _open(path: str | os.PathLike) -> av.container.InputContainer:
     except OSError as e:  # missing, a symlink loop, a name too long, a folder without permission
         reason = "file not found" if isinstance(e, FileNotFoundError) else describe_os_error(e, path=False)
         raise VideoError(p, reason) from None
-    if stat.S_ISDIR(st.st_mode):
+    kind = file_kind(st.st_mode)
+    if kind == "a directory":
         raise VideoError(p, "is a directory, not a video file (for frame folders use the rawframes format)")
-    if not stat.S_ISREG(st.st_mode):  # reading a FIFO blocks until a writer comes, a device may never end
-        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a device or socket"
+    if kind is not None:  # reading a FIFO blocks until a writer comes, a device may never end
         raise VideoError(p, f"is {kind}, not a regular file; copy the video to a file first")
     if st.st_size == 0:
         raise VideoError(p, "file is empty (0 bytes)")

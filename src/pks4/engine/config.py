@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import yaml
 
 from pks4.data.datasets import DataConfig
 from pks4.data.sampling import parse_views
-from pks4.errors import UserError, describe_os_error
+from pks4.errors import UserError, describe_os_error, require_regular_file
 from pks4.flex import FlexConfig
 
 __all__ = [
@@ -452,13 +451,10 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
     text that is not UTF-8 is a ConfigError naming the path."""
     p = Path(path)
     try:
-        mode = p.stat().st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
-            raise ConfigError(f"{p}: is {kind}, not a {what}")
+        require_regular_file(p, what)  # a FIFO would block, a folder or device is a mistake
         text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: {what} not found") from None
+    except UserError as exc:
+        raise ConfigError(str(exc)) from None
     except OSError as exc:
         raise ConfigError(f"{what} {describe_os_error(exc)}") from None
     except UnicodeDecodeError as exc:
