@@ -134,6 +134,11 @@ def test_an_alias_inside_its_own_value_is_refused():
         parse_yaml("a: &a [1, *a]\n", "cfg")
 
 
+def test_deeply_nested_yaml_is_an_error_not_a_crash():
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse_yaml("[" * 1000 + "]" * 1000, "deep.yaml")
+
+
 def test_yaml_syntax_errors_name_line_and_column():
     with pytest.raises(ConfigError, match=r"x\.yaml, line 2, column 1: not valid YAML"):
         parse_yaml("a:\n\tb: 1\n", "x.yaml")

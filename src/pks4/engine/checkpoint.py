@@ -134,10 +134,14 @@ def write_failure(exc: BaseException) -> OSError | None:
 
 
 def _remove(path: Path) -> None:
+    """Remove a temporary file or folder if it is there; cleaning up must not hide the error that led here."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+        return
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 @contextmanager

@@ -441,6 +441,8 @@ def parse_yaml(text: str, source: str = "<text>") -> Any:
         raise ConfigError(f"{source}{where}: not valid YAML ({problem})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
     finally:
         if loader is not None:
             loader.dispose()
