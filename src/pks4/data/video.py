@@ -203,18 +203,22 @@ def _tolerance(num_frames: int) -> int:
     return max(2, round(0.05 * num_frames))
 
 
-def _packet_times(container, stream) -> list[float]:
-    """Seconds from the stream start of every data packet from the current position to the end."""
+def _packets(container, stream) -> tuple[int, list[float]]:
+    """Data packets from the current position to the end: how many, and the times (seconds from the stream
+    start, sorted) of those that carry a timestamp."""
     tb, start = stream.time_base, stream.start_time or 0
-    times = []
+    count, times = 0, []
     try:
         for pkt in container.demux(stream):
+            if pkt.size <= 0:
+                continue
+            count += 1
             ts = pkt.pts if pkt.pts is not None else pkt.dts
-            if pkt.size > 0 and ts is not None:
+            if ts is not None and tb is not None:
                 times.append(float((ts - start) * tb))
     except av.error.FFmpegError:  # a truncated file: its readable packets are what exists
         pass
-    return sorted(times)
+    return count, sorted(times)
 
 
 def _tail_agrees(container, stream, header: _Timeline) -> bool:
@@ -225,9 +229,9 @@ def _tail_agrees(container, stream, header: _Timeline) -> bool:
     try:
         container.seek((stream.start_time or 0) + int(header.duration / stream.time_base), stream=stream,
                        backward=True, any_frame=False)
-    except (av.error.FFmpegError, OSError, OverflowError):  # OverflowError: a header claiming ~10^12 s
+    except (av.error.FFmpegError, OSError, OverflowError):  # OverflowError: past what a timestamp holds
         return False
-    times = _packet_times(container, stream)
+    _, times = _packets(container, stream)
     if not times or abs(times[-1] * header.fps + 1 - header.num_frames) > _tolerance(header.num_frames):
         return False
     if len(times) >= 3:  # spacing of packets that follow each other, in frames of the header's rate
@@ -240,7 +244,7 @@ def _seconds(x: float) -> str:
     return f"{x:.3f}".rstrip("0").rstrip(".")
 
 
-def _rewind(container, stream) -> bool:
+def _rewind(container) -> bool:
     """Seek back to the start; False when the container cannot seek (then it must be reopened)."""
     try:
         container.seek(0)
@@ -253,7 +257,7 @@ def _timeline(container, stream, path) -> _Timeline:
     """Frame count and rate from the header, checked against the packets (module docstring)."""
     fps = _stream_fps(stream)
     if int(container.format.flags) & _NO_TIMESTAMPS or stream.time_base is None:
-        n = sum(1 for pkt in container.demux(stream) if pkt.size > 0)
+        n, _ = _packets(container, stream)
         if n == 0:
             raise VideoError(path, "video stream holds no data packets (file truncated or corrupt)")
         return _Timeline(n, fps, n / fps, by_time=False)
@@ -263,16 +267,15 @@ def _timeline(container, stream, path) -> _Timeline:
     header = _Timeline(n_header, fps, duration if duration > 0 else n_header / max(fps, 1e-9))
     if n_header > 0 and _tail_agrees(container, stream, header):
         return header
-    if not _rewind(container, stream):
+    if not _rewind(container):
         raise VideoError(path, "cannot seek back to the start to count its frames; remux it into mp4 or mkv")
-    times = _packet_times(container, stream)
-    n = len(times)
+    n, times = _packets(container, stream)
     if n == 0:
         raise VideoError(path, "video stream holds no data packets (file truncated or corrupt)")
     if n_header > 0 and abs(n - n_header) <= _tolerance(n_header):
         return header  # the tail looked odd (variable rate), but the count holds
-    span = times[-1] - times[0]
-    rate = (n - 1) / span if n > 1 and span > 0 else fps  # mean spacing: right for any time base
+    span = times[-1] - times[0] if len(times) > 1 else 0.0
+    rate = (len(times) - 1) / span if span > 0 else fps  # mean spacing: right for any time base
     if n_header <= 0:  # nothing stated at all: the count is the truth, no need to warn
         return _Timeline(n, fps, n / fps)
     note = (f"the header gives {n_header} frame(s) ({_seconds(header.duration)} s at {fps:g} fps) but the stream "
@@ -298,7 +301,7 @@ class _Source:
 
     def restart(self) -> None:
         """Back to the first packet, reopening the file when the container cannot seek (raw streams)."""
-        if not _rewind(self.container, self.stream):
+        if not _rewind(self.container):
             self.container.close()
             self.container = _open(self.path)
             self.stream = _video_stream(self.container, self.path)
