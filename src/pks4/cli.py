@@ -12,13 +12,13 @@
     pks4 models | pks4 demo [--out DIR]
 
 Bad input (missing files, unreadable videos, unknown config keys, checkpoints that do not fit) ends with one
-line ``pks4: error: <file or key>: <problem>`` and a non-zero exit code; set PKS4_TRACEBACK=1 to see the trace.
+line ``pks4: error: <file or key>: <problem>`` and exit code 2 (pks4.errors); ``--debug`` anywhere on the line (or
+PKS4_DEBUG=1) shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -159,6 +159,8 @@ def _demo_cmd(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every sub-command."""
     p = argparse.ArgumentParser(prog="pks4", description="Efficient video understanding with PKS4 and SSMs.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of any error (also PKS4_DEBUG=1; "
+                   "accepted anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_pretrain(sub)
@@ -254,29 +256,13 @@ def _add_pretrain(sub: Any) -> None:
     pt.set_defaults(func=_pretrain_cmd)
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from pks4.data.video import DataError
-    from pks4.engine.checkpoint import CheckpointError
-    from pks4.engine.config import ConfigError
-    from pks4.engine.train import TrainingError
-
-    return (DataError, CheckpointError, ConfigError, TrainingError, FileNotFoundError, KeyError, ValueError)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``pks4`` script; returns the exit code."""
+    """Entry point of the ``pks4`` script; returns the exit code (2 for a user error, see pks4.errors)."""
+    from pks4.errors import run_guarded, split_debug_flag
+
+    argv, debug = split_debug_flag(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("pks4: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - filtered just below
-        if os.environ.get("PKS4_TRACEBACK") or not isinstance(exc, _expected_errors()):
-            raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"pks4: error: {msg}", file=sys.stderr)
-        return 2
+    return run_guarded(lambda: args.func(args), debug=debug)
 
 
 if __name__ == "__main__":

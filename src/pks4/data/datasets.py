@@ -615,6 +615,8 @@ class CheckReport:
     short: int = 0  # videos with fewer frames than a clip (frames will repeat)
     skip_bad_videos: bool = False
     duplicates: list[str] = field(default_factory=list)  # repeated entries (reported, not an error)
+    # videos whose header disagrees with their packets (path, how): read from the frames that exist, not an error
+    mismatched: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
@@ -642,7 +644,9 @@ class CheckReport:
         if self.duplicates:
             out.append(f"  {len(self.duplicates)} duplicate entries (kept): " + "; ".join(self.duplicates[:5]))
         for title, items in (("annotation errors", self.errors), ("missing files", self.missing),
-                             ("unreadable videos", [f"{p}: {r}" for p, r in self.unreadable])):
+                             ("unreadable videos", [f"{p}: {r}" for p, r in self.unreadable]),
+                             ("videos whose header disagrees with their frames (read from the frames that exist)",
+                              [f"{p}: {r}" for p, r in self.mismatched])):
             if items:
                 out.append(f"  {len(items)} {title}:" + _listed(items).replace("\n  ", "\n    "))
         out.append("  OK" if self.ok else "  NOT OK: a training run on this data would fail"
@@ -688,6 +692,8 @@ def _check_one(s: Sample, cfg: DataConfig, report: CheckReport) -> None:
             info = probe_video(s.path)
             n = info.num_frames
             report.durations.append(info.duration)
+            if info.mismatch:
+                report.mismatched.append((s.path, info.mismatch))
     except DataError as e:
         report.unreadable.append((s.path, getattr(e, "reason", None) or getattr(e, "message", str(e))))
         return
