@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from pks4.layers.geometry import NativeGeometry, TokenGeometry
 
-__all__ = ["VideoModel", "PATCH_POLICIES", "geometry_for", "at_geometry", "AtGeometry"]
+__all__ = ["VideoModel", "PATCH_POLICIES", "geometry_for", "at_geometry", "AtGeometry", "check_ranges"]
 
 PATCH_POLICIES = ("native", "static_tokens")
 
@@ -63,6 +63,20 @@ class VideoModel(Protocol):
 
     def resize(self, frames: int | None = None, size: int | None = None, patch: int | None = None) -> None:
         """Re-store position embeddings / patch kernel for a new native geometry, in place."""
+
+
+def check_ranges(cfg: Any, *, at_least_one: tuple[str, ...] = (), positive: tuple[str, ...] = (),
+                 rates: tuple[str, ...] = ()) -> None:
+    """Range checks of a model config, naming the field: ``at_least_one`` ints >= 1, ``positive`` numbers > 0,
+    ``rates`` (dropout, stochastic depth) in [0, 1). Run first in ``__post_init__``, so a size of 0 is one clear
+    error rather than a division by zero in a later check."""
+    owner = type(cfg).__name__
+    for names, ok, want in ((at_least_one, lambda v: v >= 1, "an int >= 1"), (positive, lambda v: v > 0, "> 0"),
+                            (rates, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for name in names:
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ValueError(f"{owner}.{name}={value!r}; expected {want}")
 
 
 def _contract(model: nn.Module) -> VideoModel:

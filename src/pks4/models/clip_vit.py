@@ -16,6 +16,7 @@ from torch import nn
 from pks4.layers.geometry import NativeGeometry, TokenGeometry, patch_embed
 from pks4.layers.posembed import resize_patch_kernel, resize_pos_embed_2d
 from pks4.layers.vit import LayerNorm, ResidualAttentionBlock
+from pks4.models.base import check_ranges
 
 __all__ = [
     "CLIPVisionConfig",
@@ -46,6 +47,10 @@ class CLIPVisionConfig:
     force_activation: bool = False
 
     def __post_init__(self) -> None:
+        check_ranges(self, at_least_one=("image_size", "patch_size", "width", "layers", "heads"),
+                     positive=("mlp_ratio", "ln_eps"), rates=("drop_path",))
+        if self.output_dim is not None and self.output_dim < 1:
+            raise ValueError(f"CLIPVisionConfig.output_dim={self.output_dim!r}; expected an int >= 1 or None")
         if self.image_size % self.patch_size != 0:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads != 0:

@@ -54,6 +54,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from pks4.layers.geometry import TokenGeometry
 from pks4.layers.vit import LayerNorm
+from pks4.models.base import check_ranges
 from pks4.models.clip_vit import CLIP_VIT_B16, CLIPVisionConfig, CLIPVisionTransformer, ClipVideoHooks
 from pks4.ssm.mixer import MambaMixer
 
@@ -93,6 +94,8 @@ class PKS4Config:
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):  # rebuilt from a checkpoint's saved config
             self.backbone = CLIPVisionConfig(**self.backbone)
+        check_ranges(self, at_least_one=("num_classes", "num_frames", "corr_window", "d_state", "d_conv", "expand"),
+                     positive=("var_ratio",), rates=("head_dropout",))
         if self.use_module and not 0 <= self.insert_layer <= self.backbone.layers:
             raise ValueError(f"insert_layer {self.insert_layer} outside [0, {self.backbone.layers}]")
         if self.cls_route not in CLS_ROUTES:

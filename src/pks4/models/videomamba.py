@@ -57,6 +57,7 @@ from pks4.layers.geometry import NativeGeometry, TokenGeometry, patch_embed
 from pks4.layers.posembed import resize_patch_kernel, resize_pos_embed_2d, resize_temporal_pos_embed
 from pks4.layers.rmsnorm import RMSNorm
 from pks4.layers.vit import DropPath
+from pks4.models.base import check_ranges
 from pks4.models.registry import ModelSpec
 from pks4.ssm.mixer import MambaMixer
 
@@ -109,9 +110,9 @@ class VideoMambaConfig:
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ValueError(f"VideoMambaConfig.{name}={value!r}; expected one of {allowed}")
-        for name in ("patch_size", "image_size", "num_frames", "tubelet"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"VideoMambaConfig.{name}={getattr(self, name)!r}; expected an int >= 1")
+        check_ranges(self, at_least_one=("patch_size", "image_size", "num_frames", "tubelet", "embed_dim", "depth",
+                                         "num_classes", "in_chans", "d_state", "d_conv", "expand"),
+                     positive=("norm_eps",), rates=("drop_path", "head_dropout"))
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.num_frames % self.tubelet:
