@@ -1,4 +1,4 @@
-"""Tiny trained-model stand-ins and videos shared by the API, timeline and web-page tests.
+"""Tiny trained-model stand-ins, videos and fixtures shared by the API, timeline and web-page tests.
 
 A "run" here is a real run directory layout (``checkpoints/best`` written by ``save_checkpoint``, a
 ``metrics.jsonl``) around a tiny PKS4 with seeded random weights: loading, saving and the inference path are
@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from pks4.data.datasets import DataConfig
@@ -56,3 +57,29 @@ def concat_videos(videos: list[str], out: Path, frames_each: int = 16) -> Path:
     """The first ``frames_each`` frames of each video, one after the other, as one mp4 at the benchmark's rate."""
     frames = np.concatenate([read_frames(v, range(frames_each)).numpy() for v in videos])
     return write_video(out, frames, FPS, crf=None, options=ENCODER_OPTIONS)
+
+
+# ---- module-scoped fixtures; a test module imports the ones it uses --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synth(tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    return tiny_run(tmp_path_factory.mktemp("run"), data)
+
+
+@pytest.fixture(scope="module")
+def clf(run):
+    import pks4
+
+    return pks4.VideoClassifier.from_pretrained(run, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def long_video(data, tmp_path_factory):
+    """Six clips of six classes, 16 frames each: 96 frames, 12 s at 8 fps."""
+    return concat_videos(val_videos(data)[:6], tmp_path_factory.mktemp("long") / "six.mp4")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pks4
-from inference_fixtures import synth, tiny_run, val_videos
+from inference_fixtures import clf, data, run, val_videos  # noqa: F401 (fixtures)
 from pks4.cli import main
 from pks4.data.synth import write_video
 from pks4.data.video import read_frames
@@ -20,21 +20,6 @@ from pks4.engine.infer import evaluate, progress_bar, resolve_amp
 from pks4.engine.pretrained import CARD_FILE, CONFIG_FILE, model_card
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return synth(tmp_path_factory.mktemp("synth"))
-
-
-@pytest.fixture(scope="module")
-def run(data, tmp_path_factory):
-    return tiny_run(tmp_path_factory.mktemp("run"), data)
-
-
-@pytest.fixture(scope="module")
-def clf(run):
-    return pks4.VideoClassifier.from_pretrained(run, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +232,7 @@ def test_bad_pretrained_folder_names_the_file_and_key(hub, tmp_path, edit, words
         assert word in str(info.value)
 
 
-def test_bad_inputs_are_clear_errors(clf, tmp_path, capsys):
+def test_bad_inputs_are_clear_errors(clf, data, tmp_path, capsys):
     from pks4.data.video import DataError
 
     with pytest.raises(TypeError, match="video path"):
@@ -266,6 +251,9 @@ def test_bad_inputs_are_clear_errors(clf, tmp_path, capsys):
         clf(str(tmp_path / "missing.mp4"), topk=0)
     with pytest.raises(ValueError, match="cannot parse views"):
         clf(str(tmp_path / "missing.mp4"), views="eight")
+    in_workers = pks4.VideoClassifier(clf.model, clf.spec, num_workers=2)  # a worker's error keeps its message
+    with pytest.raises(DataError, match=r"^\S*missing.mp4: file not found$"):
+        in_workers([val_videos(data)[0], str(tmp_path / "missing.mp4")])
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         pks4.VideoClassifier.from_pretrained(tmp_path / "nowhere")
     assert main(["export-pretrained", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2

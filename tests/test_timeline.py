@@ -11,33 +11,12 @@ import torch
 
 import pks4
 import pks4.data.video as video_module
-from inference_fixtures import FPS, concat_videos, synth, tiny_run, val_videos
+from inference_fixtures import FPS, clf, data, long_video, run, val_videos  # noqa: F401 (fixtures)
 from pks4.cli import main
 from pks4.data.datasets import _sampler
 from pks4.data.synth import write_video
 from pks4.data.video import DataError, read_frames
 from pks4.engine.timeline import Span, parse_span, stream_instants, window_starts
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return synth(tmp_path_factory.mktemp("synth"))
-
-
-@pytest.fixture(scope="module")
-def run(data, tmp_path_factory):
-    return tiny_run(tmp_path_factory.mktemp("run"), data)
-
-
-@pytest.fixture(scope="module")
-def clf(run):
-    return pks4.VideoClassifier.from_pretrained(run, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def long_video(data, tmp_path_factory):
-    """Six clips of six classes, 16 frames each: 96 frames, 12 s at 8 fps."""
-    return concat_videos(val_videos(data)[:6], tmp_path_factory.mktemp("long") / "six.mp4")
 
 
 def test_parse_span():

@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not insta
 import uvicorn  # noqa: E402
 
 import pks4  # noqa: E402
-from inference_fixtures import concat_videos, synth, tiny_run, val_videos  # noqa: E402
+from inference_fixtures import data, long_video, run, val_videos  # noqa: E402, F401 (fixtures)
 from pks4.cli import main  # noqa: E402
 from pks4.web import create_app, find_examples  # noqa: E402
 
@@ -32,24 +32,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return synth(tmp_path_factory.mktemp("synth"))
-
-
-@pytest.fixture(scope="module")
-def hub(data, tmp_path_factory):
-    run = tiny_run(tmp_path_factory.mktemp("run"), data)
+def hub(run, tmp_path_factory):
     return pks4.VideoClassifier.from_pretrained(run, device="cpu").save_pretrained(tmp_path_factory.mktemp("hub") / "m")
 
 
 @pytest.fixture(scope="module")
 def clf(hub):
+    """The page's classifier, loaded from the exported folder."""
     return pks4.VideoClassifier.from_pretrained(hub, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def long_video(data, tmp_path_factory):
-    return concat_videos(val_videos(data)[:6], tmp_path_factory.mktemp("long") / "six.mp4")
 
 
 @pytest.fixture(scope="module")

@@ -295,12 +295,15 @@ def _add_common(p: argparse.ArgumentParser, workers: int = 2) -> None:
 
 
 def _add_predict(sub: Any) -> None:
+    from pks4.engine.infer import DEFAULT_BATCH  # noqa: PLC0415
+
     pr = sub.add_parser("predict", help="top-k classes of video files (multi-view), or a timeline of long ones")
     pr.add_argument("videos", nargs="+", metavar="VIDEO")
     pr.add_argument("--checkpoint", required=True, help="run dir, checkpoint, or a folder from export-pretrained")
     pr.add_argument("--topk", type=int, default=5)
     pr.add_argument("--views", help="FRAMESxCLIPSxCROPS (default: the run's eval.views; one clip per window)")
-    pr.add_argument("--batch-size", type=int, default=4, help="videos (or windows) per forward (default 4)")
+    pr.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
+                    help=f"videos (or windows) per forward (default {DEFAULT_BATCH})")
     _add_common(pr, workers=0)
     pr.add_argument("--json", action="store_true", help="one JSON object per video")
     _add_shape(pr, grid=False)
