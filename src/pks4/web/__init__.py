@@ -3,6 +3,11 @@
 FastAPI serves one plain HTML/JS page and two JSON endpoints (upload a video, or pick one of the example
 videos); the page shows the top-k and, for a video at least two windows long, the timeline plot. FastAPI,
 uvicorn and python-multipart are imported only here, so the rest of pks4 never needs them.
+
+Why not Gradio, the usual home of shared demos: it runs on FastAPI itself and adds some thirty packages (pandas,
+pillow, pydub, huggingface-hub, ...) and a 31 MB wheel for one page, and the page it generates changes its
+markup between releases, which a browser test would have to chase. A page of plain HTML with stable element ids
+is a few dozen lines and is tested as a user sees it.
 """
 from __future__ import annotations
 
