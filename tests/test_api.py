@@ -52,10 +52,18 @@ def test_hub_folder_reads_with_the_standard_library_and_safetensors_alone(clf, h
                 if name.split(".")[0] in ("pks4", "torch"):
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
+        import array, struct
+        raw = open({str(hub / 'model.safetensors')!r}, "rb").read()  # the layout, read by hand: header, then data
+        size = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8:8 + size])
+        begin, end = header["head.weight"]["data_offsets"]
+        head = array.array("f", raw[8 + size + begin:8 + size + end])
+        stdlib = {{"dtypes": sorted({{v["dtype"] for k, v in header.items() if k != "__metadata__"}}),
+                   "head_sum": sum(head), "metadata": header.get("__metadata__")}}
         from safetensors.numpy import load_file
         config = json.load(open({str(hub / CONFIG_FILE)!r}))
         weights = load_file({str(hub / 'model.safetensors')!r})
-        print(json.dumps({{"labels": [config["id2label"][str(i)] for i in range(config["num_labels"])],
+        print(json.dumps({{"labels": [config["id2label"][str(i)] for i in range(config["num_labels"])], **stdlib,
                            "arch": config["architecture"], "frames": config["num_frames"],
                            "sums": {{k: float(v.astype("float64").sum()) for k, v in weights.items()}},
                            "shapes": {{k: list(v.shape) for k, v in weights.items()}},
@@ -66,6 +74,8 @@ def test_hub_folder_reads_with_the_standard_library_and_safetensors_alone(clf, h
     got = json.loads(proc.stdout)
     assert not got["pks4_loaded"] and not got["torch_loaded"]
     assert got["labels"] == clf.classes and got["arch"] == "pks4_vit_tiny" and got["frames"] == 8
+    assert got["dtypes"] == ["F32"] and got["metadata"] == {"format": "pt"}
+    assert got["head_sum"] == pytest.approx(clf.model.head.weight.double().sum().item(), rel=1e-9, abs=1e-9)
     state = clf.model.state_dict()
     assert set(got["shapes"]) == set(state)
     for key, tensor in state.items():
