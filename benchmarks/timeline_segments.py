@@ -51,6 +51,11 @@ def read_segments(tl, labels: list[int]) -> dict[str, list[int]]:
     return {"aligned": aligned, "centred": centred}
 
 
+def _val_top1(clf: VideoClassifier) -> str:
+    metrics = clf.spec.training.get("metrics")
+    return f"{metrics['last_val_top1']:.1f}% at the end" if metrics else "not recorded"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/demo/pks4")
@@ -80,6 +85,8 @@ def main() -> None:
              f"Six fresh 16-frame clips of six distinct classes per trial, one 96-frame video at 8 fps; timeline "
              f"window 16 frames (2 s), stride 4, one 8x1x1 view per window; {time.perf_counter() - start:.0f} s "
              "in all on the 2-core CPU.", "",
+             f"The model: {args.run}, validation top-1 {_val_top1(clf)} during training (one view; its own "
+             "`metrics.jsonl`).", "",
              "| trial | segment classes | right, aligned window | right, centred windows | centred argmax |",
              "|---|---|---|---|---|", *rows, "",
              f"In all: aligned {totals['aligned']}/{n} ({100 * totals['aligned'] / n:.1f}%), centred "

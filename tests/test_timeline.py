@@ -49,7 +49,8 @@ def _levels(path, n):
 def _instants(path, fps):
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        return [(j, round(float(video_module._to_rgb(f).mean()) / 10)) for j, f in stream_instants(container, stream, fps)]
+        frames = stream_instants(container, stream, fps)
+        return [(j, round(float(video_module._to_rgb(f).mean()) / 10)) for j, f in frames]
 
 
 @pytest.mark.parametrize("fps", [8.0, 16.0, 4.0, 3.0])

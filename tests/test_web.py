@@ -84,7 +84,8 @@ def test_upload_answers_like_the_classifier(server, clf, data, long_video):
     assert long["label"] == clf(str(long_video))["label"]
     windows = long["timeline"]["windows"]
     assert len(windows) == 11 and windows[1]["start"] == 1.0 and windows[1]["end"] == 3.0
-    assert [w["label"] for w in windows] == [w["label"] for w in clf.timeline(long_video, "2s", "1s").to_dict()["windows"]]
+    expected_windows = clf.timeline(long_video, "2s", "1s").to_dict()["windows"]
+    assert [w["label"] for w in windows] == [w["label"] for w in expected_windows]
     assert long["timeline"]["plot"].startswith("data:image/png;base64,")
     name = "moving_right/moving_right_000.mp4"
     picked = httpx.post(f"{server}/api/example", data={"name": name})

@@ -290,7 +290,8 @@ def _add_common(p: argparse.ArgumentParser, workers: int = 2) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--workers", type=int, default=workers, help=f"video-decoding processes (default {workers})")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
-                   help="autocast dtype; auto = bf16 on a GPU, fp32 on the CPU (where bf16 measured slower)")
+                   help="autocast dtype; auto = bf16 on a GPU, fp32 on the CPU (bf16 there: 1.26x for PKS4-B/16, "
+                   "see benchmarks/predict_speed.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (it only shows on a terminal anyway)")
 
 

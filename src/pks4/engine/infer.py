@@ -6,9 +6,9 @@ percent. ``frame_order`` (Park et al. Table 1: sequential, blockwise, pairwise, 
 frames before the model sees them, for any model, to test how much a model relies on temporal order.
 
 Every forward runs under ``amp_dtype`` autocast when one is given (:func:`resolve_amp` turns ``auto`` into bf16 /
-fp16 on a GPU and fp32 on the CPU, where bf16 measured slower: ``benchmarks/predict_speed.md``). Video files
-are decoded in DataLoader workers for evaluation and prediction alike, and a progress bar (stderr, only on a
-terminal, shown after two seconds) follows any longer run.
+fp16 on a GPU and fp32 on the CPU, where bf16 is an explicit choice: ``benchmarks/predict_speed.md``).
+Video files are decoded in DataLoader workers for evaluation and prediction alike, and a progress bar (stderr,
+only on a terminal, shown after two seconds) follows any longer run.
 """
 from __future__ import annotations
 
@@ -56,9 +56,12 @@ def aggregate_views(logits: torch.Tensor) -> torch.Tensor:
 def resolve_amp(amp: str | torch.dtype | None, device: torch.device | str) -> torch.dtype | None:
     """``auto`` | ``fp32`` | ``bf16`` | ``fp16`` (or a dtype) -> the autocast dtype for ``device``; None = fp32.
 
-    ``auto`` is bf16 on a GPU that supports it (fp16 otherwise) and fp32 on the CPU: there bf16 autocast ran
-    slower than fp32 for the tiny and the base models (``benchmarks/predict_speed.md``), so it is only used
-    when asked for.
+    ``auto`` is bf16 on a GPU that supports it (fp16 otherwise) and fp32 on the CPU. On the development CPU
+    (AVX-512 with bf16 instructions) bf16 autocast made the PKS4-B/16 forward 1.26x faster (1.32x in an earlier
+    run), while for the tiny demo model the load of other jobs moved the times more than the dtype did (median
+    ratios 0.90x and 1.48x in two runs; ``benchmarks/predict_speed.md``). A gain that depends on the model and
+    the CPU's bf16 instructions does not make a default: the CPU keeps fp32's exact answers, ``bf16`` is one
+    argument away.
     """
     if amp is None or isinstance(amp, torch.dtype):
         return None if amp in (None, torch.float32) else amp

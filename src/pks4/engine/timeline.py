@@ -123,13 +123,13 @@ class Timeline:
         centres = [(s + self.window / 2) / self.fps for s in self.starts]
         best = self.probs.argmax(dim=1)
         shown = sorted(set(best.tolist()), key=lambda c: -float(self.probs[:, c].max()))[:max_classes]
-        fig, (ax, band) = plt.subplots(2, 1, figsize=(10, 4.2), sharex=True, height_ratios=[5, 1])
+        fig, (ax, band) = plt.subplots(2, 1, figsize=(11.5, 4.2), sharex=True, height_ratios=[5, 1])
         colours = {c: plt.cm.tab10(i % 10) for i, c in enumerate(shown)}
         for c in shown:
             ax.plot(centres, self.probs[:, c].numpy(), marker=".", color=colours[c], label=self.classes[c])
         ax.set(ylabel="probability", ylim=(0, 1.02), title=f"{Path(self.path).name}: window {self.window} frames "
                f"({self.window / self.fps:g} s), stride {self.stride} at {self.fps:g} fps")
-        ax.legend(fontsize=7, loc="upper right", ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         for i, s in enumerate(self.starts):
             c = int(best[i])
             band.axvspan(s / self.fps + (self.window - self.stride) / (2 * self.fps),
@@ -223,7 +223,8 @@ def predict_timeline(model: nn.Module, path: str | Path, classes: Sequence[str],
                     held = {i: f for i, f in held.items() if i >= next_start}
                     bar.update(1)
         except av.error.FFmpegError as exc:
-            raise VideoError(path, f"decoding failed at frame {last + 1} ({exc}); file is corrupt or truncated") from exc
+            raise VideoError(path, f"decoding failed at frame {last + 1} ({exc}); file is corrupt or "
+                                   "truncated") from exc
         finally:
             bar.close()
     finally:
