@@ -136,7 +136,7 @@ class VideoClassifier:
         return predict_timeline(self.model, path, self.classes, self.spec.data, window_views(self.views), window,
                                 stride, fps, amp_dtype=self.amp_dtype, batch_size=self.batch_size)
 
-    # ---- helpers ---------------------------------------------------------------------------------------------
+    # ---- internals -------------------------------------------------------------------------------------------
     def _views(self, views: str | None) -> Any:
         from pks4.data.sampling import parse_views
 
