@@ -2,7 +2,7 @@
 
 Data flows through the sub-packages in this order:
 ``data`` (video -> frames -> clips) -> ``layers``/``ssm`` (building blocks) -> ``models`` (clip -> logits)
--> ``engine`` (train / evaluate / predict / profile) -> ``cli``.
+-> ``engine`` (train / evaluate / predict / profile) -> ``api`` (``VideoClassifier``) -> ``cli`` / ``web``.
 
 The names below are the public entry points; they are imported lazily so that ``import pks4`` stays cheap.
 """
@@ -19,6 +19,7 @@ _LAZY = {
     "selective_scan": "pks4.ssm.scan",
     "selective_scan_ref": "pks4.ssm.scan",
     "load_pretrained_backbone": "pks4.weights",
+    "VideoClassifier": "pks4.api",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -6,7 +6,10 @@
     pks4 eval --checkpoint CKPT_OR_RUNDIR [--data LIST] [--views 8x2x3] [--frame-order ORDER] [--json]
               [--frames T] [--size S] [--patch-policy native|static_tokens|P]
     pks4 eval --checkpoint CKPT_OR_RUNDIR --grid frames=8,16,32,64 size=96,128,224 [--out DIR]
-    pks4 predict VIDEO... --checkpoint CKPT_OR_RUNDIR [--topk 5] [--json] [--frames T] [--size S]
+    pks4 predict VIDEO... --checkpoint CKPT_RUNDIR_OR_FOLDER [--topk 5] [--json] [--frames T] [--size S]
+    pks4 predict LONG.mp4 --checkpoint ... --window 8 --stride 4 [--fps F] [--json | --csv] [--out DIR]
+    pks4 export-pretrained RUN_OR_CKPT OUT_DIR     (config.json + model.safetensors + README.md)
+    pks4 serve RUN_OR_FOLDER [--port 8000] [--examples DIR]     (needs pks4[web])
     pks4 retrieval | linear-probe | embed --checkpoint CKPT_OR_RUNDIR [--frames T] [--size S] ...
     pks4 data check LIST_OR_DIR | pks4 data synth OUT_DIR [--seed N] [--train-per-class N] [--val-per-class N]
     pks4 models | pks4 demo [--out DIR]
@@ -64,7 +67,8 @@ def _eval_cmd(args: argparse.Namespace) -> int:
     report = evaluate_checkpoint(args.checkpoint, data_list=args.data, data_root=args.data_root,
                                  views=args.views, batch_size=args.batch_size, out_dir=args.out,
                                  device=args.device, num_workers=args.workers, frame_order=args.frame_order,
-                                 frames=args.frames, size=args.size, patch_policy=args.patch_policy)
+                                 frames=args.frames, size=args.size, patch_policy=args.patch_policy,
+                                 amp=args.amp, progress=not args.quiet)
     if args.json:
         print(json.dumps(report))
     else:
@@ -88,11 +92,17 @@ def _pretrain_cmd(args: argparse.Namespace) -> int:
 
 
 def _predict_cmd(args: argparse.Namespace) -> int:
+    if args.window is not None:
+        return _timeline_cmd(args)
+    for flag in ("stride", "fps", "csv", "out"):
+        if getattr(args, flag) not in (None, False):
+            raise ValueError(f"predict --{flag} applies to a timeline only; give --window too")
     from pks4.engine.infer import predict_checkpoint
 
     results = predict_checkpoint(args.checkpoint, args.videos, views=args.views, topk=args.topk,
                                  device=args.device, frames=args.frames, size=args.size,
-                                 patch_policy=args.patch_policy)
+                                 patch_policy=args.patch_policy, amp=args.amp, batch_size=args.batch_size,
+                                 num_workers=args.workers, progress=not args.quiet)
     for res in results:
         if args.json:
             print(json.dumps(res))
@@ -100,6 +110,61 @@ def _predict_cmd(args: argparse.Namespace) -> int:
             best = ", ".join(f"{t['label']} {t['score']:.3f}" for t in res["topk"])
             print(f"{res['path']}: {best}")
     return 0
+
+
+def _timeline_cmd(args: argparse.Namespace) -> int:
+    """``predict --window``: per-window top-k of long videos, printed as text, JSON or CSV; files with --out."""
+    from pks4.engine.timeline import timeline_checkpoint
+
+    if args.json and args.csv:
+        raise ValueError("predict: give --json or --csv, not both")
+    if args.frames or args.size or args.patch_policy != "native":
+        raise ValueError("predict --window runs the model at its own --frames/--size; drop them")
+    timelines = timeline_checkpoint(args.checkpoint, args.videos, args.window, args.stride, args.fps,
+                                    views=args.views, device=args.device, amp=args.amp,
+                                    batch_size=args.batch_size, progress=not args.quiet)
+    for n, tl in enumerate(timelines):
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            stem = out / f"{Path(tl.path).stem}.timeline"
+            Path(f"{stem}.json").write_text(json.dumps(tl.to_dict(args.topk), indent=1) + "\n")
+            Path(f"{stem}.csv").write_text(tl.to_csv(args.topk))
+            tl.plot(f"{stem}.png")
+        if args.json:
+            print(json.dumps(tl.to_dict(args.topk)))
+        elif args.csv:
+            print(tl.to_csv(args.topk, header=n == 0), end="")
+        else:
+            d = tl.to_dict(args.topk)
+            print(f"{tl.path}: {len(d['windows'])} windows of {tl.window} frames ({d['window_seconds']:g} s), "
+                  f"stride {tl.stride}, at {tl.fps:g} fps")
+            for w in d["windows"]:
+                best = ", ".join(f"{t['label']} {t['score']:.3f}" for t in w["topk"])
+                print(f"  {w['start']:8.2f} - {w['end']:8.2f} s  {best}")
+    return 0
+
+
+def _export_pretrained_cmd(args: argparse.Namespace) -> int:
+    from pks4.api import VideoClassifier
+
+    out = VideoClassifier.from_pretrained(args.source, device="cpu").save_pretrained(args.out)
+    print(f"wrote {out}/config.json, model.safetensors and README.md")
+    return 0
+
+
+def _serve_cmd(args: argparse.Namespace) -> int:
+    from pks4.web import missing_web_modules
+
+    missing = missing_web_modules()
+    if missing:
+        print(f"pks4: error: pks4 serve needs the web extra (missing: {', '.join(missing)}); install it with "
+              "pip install 'pks4[web]'", file=sys.stderr)
+        return 2
+    from pks4.web import serve
+
+    return serve(args.source, host=args.host, port=args.port, examples=args.examples, window=args.window,
+                 stride=args.stride, device=args.device, amp=args.amp)
 
 
 def _data_check_cmd(args: argparse.Namespace) -> int:
@@ -177,15 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     _add_shape(ev)
     ev.set_defaults(func=_eval_cmd)
-    pr = sub.add_parser("predict", help="top-k classes of video files (multi-view)")
-    pr.add_argument("videos", nargs="+", metavar="VIDEO")
-    pr.add_argument("--checkpoint", required=True)
-    pr.add_argument("--topk", type=int, default=5)
-    pr.add_argument("--views", help="FRAMESxCLIPSxCROPS (default: the run's eval.views)")
-    _add_common(pr, workers=False)
-    pr.add_argument("--json", action="store_true", help="one JSON object per video")
-    _add_shape(pr, grid=False)
-    pr.set_defaults(func=_predict_cmd)
+    _add_predict(sub)
+    _add_export_pretrained(sub)
+    _add_serve(sub)
     from pks4.engine.protocols import add_protocol_parsers  # noqa: PLC0415
 
     add_protocol_parsers(sub)
@@ -227,10 +286,59 @@ def _add_shape(p: argparse.ArgumentParser, grid: bool = True) -> None:
                        help="native (stored patch) | static_tokens (patch scaled to keep the token grid) | N")
 
 
-def _add_common(p: argparse.ArgumentParser, workers: bool = True) -> None:
+def _add_common(p: argparse.ArgumentParser, workers: int = 2) -> None:
+    from pks4.engine.infer import AMP_CHOICES  # noqa: PLC0415
+
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    if workers:
-        p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--workers", type=int, default=workers, help=f"video-decoding processes (default {workers})")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="autocast dtype; auto = bf16 on a GPU, fp32 on the CPU (bf16 there: 1.26x for PKS4-B/16, "
+                   "see benchmarks/predict_speed.md)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (it only shows on a terminal anyway)")
+
+
+def _add_predict(sub: Any) -> None:
+    from pks4.engine.infer import DEFAULT_BATCH  # noqa: PLC0415
+
+    pr = sub.add_parser("predict", help="top-k classes of video files (multi-view), or a timeline of long ones")
+    pr.add_argument("videos", nargs="+", metavar="VIDEO")
+    pr.add_argument("--checkpoint", required=True, help="run dir, checkpoint, or a folder from export-pretrained")
+    pr.add_argument("--topk", type=int, default=5)
+    pr.add_argument("--views", help="FRAMESxCLIPSxCROPS (default: the run's eval.views; one clip per window)")
+    pr.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
+                    help=f"videos (or windows) per forward (default {DEFAULT_BATCH})")
+    _add_common(pr, workers=0)
+    pr.add_argument("--json", action="store_true", help="one JSON object per video")
+    _add_shape(pr, grid=False)
+    tl = pr.add_argument_group("timeline of a long video")
+    tl.add_argument("--window", help="classify windows of this many frames (at --fps), or seconds: 8 | 2s")
+    tl.add_argument("--stride", help="step between windows, frames or seconds (default: the window)")
+    tl.add_argument("--fps", type=float, help="rate the window and stride frames are counted at "
+                    "(default: the video's own)")
+    tl.add_argument("--csv", action="store_true", help="print the windows as CSV")
+    tl.add_argument("--out", help="write <video>.timeline.json, .csv and .png (the plot) into this folder")
+    pr.set_defaults(func=_predict_cmd)
+
+
+def _add_export_pretrained(sub: Any) -> None:
+    ex = sub.add_parser("export-pretrained", help="write a trained model as config.json + model.safetensors "
+                        "+ README.md (the Hub layout), loadable with VideoClassifier.from_pretrained")
+    ex.add_argument("source", metavar="RUN", help="run dir, checkpoint, or a folder from export-pretrained")
+    ex.add_argument("out", metavar="OUT", help="folder to write (created if needed)")
+    ex.set_defaults(func=_export_pretrained_cmd)
+
+
+def _add_serve(sub: Any) -> None:
+    sv = sub.add_parser("serve", help="a web page to classify uploaded videos (needs: pip install 'pks4[web]')")
+    sv.add_argument("source", metavar="RUN", help="run dir, checkpoint, or a folder from export-pretrained")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--examples", help="folder of videos the page offers to pick from")
+    sv.add_argument("--window", default="2s", help="timeline window for long videos (frames or seconds)")
+    sv.add_argument("--stride", default="1s", help="timeline stride (frames or seconds)")
+    sv.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    sv.add_argument("--amp", default="auto", help="auto | fp32 | bf16 | fp16")
+    sv.set_defaults(func=_serve_cmd)
 
 
 def _add_train(sub: Any) -> None:

@@ -135,7 +135,7 @@ def _raised_in_pks4(tb: TracebackType | None) -> bool:
 def _other_user_errors() -> tuple[type[BaseException], ...]:
     """Project errors that do not derive from UserError (yet); imported lazily to keep this module a leaf."""
     found: list[type[BaseException]] = []
-    for module, name in (("pks4.engine.train", "TrainingError"), ("pks4.weights", "CheckpointError")):
+    for module, name in (("pks4.engine.train", "TrainingError"),):
         mod = sys.modules.get(module)  # only a module already in use can have raised its error
         if mod is not None and isinstance(getattr(mod, name, None), type):
             found.append(getattr(mod, name))

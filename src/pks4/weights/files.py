@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pks4.errors import UserError
+
 __all__ = ["CheckpointError", "LoadReport", "read_checkpoint_file", "is_torchscript", "read_hf_config",
            "read_open_clip_config", "load_state_dict_strict"]
 
@@ -33,7 +35,7 @@ _HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorc
                     "pytorch_model.bin.index.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
     def __init__(self, path: str | Path, message: str) -> None:
