@@ -8,8 +8,7 @@ from pks4.data.synth import generate_synth
 from pks4.engine.checkpoint import read_state
 from pks4.engine.config import ModelConfig, OptimConfig
 from pks4.engine.optim import build_optimizer
-from pks4.engine.pretrain import (AlignmentObjective, MaskConfig, PretrainConfig, TeacherConfig,
-                                  build_student, build_teacher)
+from pks4.engine.pretrain import AlignTask, MaskConfig, PretrainConfig, TeacherConfig, build_student, build_teacher
 from pks4.models.registry import create_model
 
 RECIPE = """
@@ -26,14 +25,14 @@ def test_loss_decreases_on_a_fixed_batch_and_only_the_student_learns():
                          mask=MaskConfig(ratio=0.8, sample=False))  # top-k mask: the same tokens every step
     teacher = build_teacher(TeacherConfig(arch="tiny"), log=lambda msg: None)
     student = build_student(cfg, 128, num_classes=10)
-    objective = AlignmentObjective(student, teacher)
+    task = AlignTask(cfg, student, teacher, train_set=None, classes=[], log=lambda msg: None)
     frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
     last_block = student.model.layers[-1].mixer.in_proj.weight.clone()
     opt = build_optimizer(student, OptimConfig(lr=3e-3, weight_decay=0.0), 3e-3)
     clip = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     losses = []
     for _ in range(8):
-        loss = objective(clip)
+        loss = task({"video": clip})["align"]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,176 +1,35 @@
-"""StretchySnake: spatio-temporally flexible training and any-size inference (its section 4.2).
+"""StretchySnake, the model half: any-size inference and the patch hook of flexible training (its section 4.2).
 
-One set of weights is trained on clips whose frame count T, frame size H and patch size p change from batch to
-batch. Three things are "flexed" on the fly, differentiably, through :mod:`pks4.layers.posembed` (so the stored
-weights train through the resize):
+The data half (modes, shape sampling, the batch sampler, datasets at a sampled shape) is
+:mod:`pks4.data.flex_sampler`. Here a model is made to embed a batch with its sampled patch size and token grid,
+differentiably, through :mod:`pks4.layers.posembed` (so the stored weights train through the resize):
 
 * the patch-embedding kernel w (Eq. 4): bicubic resize (the paper) or FlexiViT's pseudo-inverse resize;
 * the spatial position embedding p_s (Eq. 5): bicubic, done by the models themselves for any token grid;
 * the temporal position embedding p_t (Eq. 6): linear, done by the models themselves for any T.
 
-The five modes of §4.2 differ only in how (T, H, p) are drawn; see :func:`sample_shape`. "static_tokens" (the
-paper's best, StretchySnake proper) flexes p with H so that every frame keeps the native token grid.
-
-Pieces, in the order the data flows:
-
-* :class:`FlexConfig` and :func:`sample_shape`: what a batch looks like (:class:`FlexShape`);
-* :class:`FlexBatchSampler`: one shape per batch, batch size scaled so tokens per batch stay bounded;
-* :class:`FlexDataset` + :func:`flex_collate`: items loaded at the batch's (T, H);
-* :func:`flex_patch` / :func:`set_patch_size`: the model embeds with the batch's patch size and token grid;
-* :func:`inference_shape`: the shape to evaluate a checkpoint at any (T, H) with.
+Pieces: :func:`flex_patch` / :func:`set_patch_size` (the model embeds with the batch's patch size and token
+grid) and :func:`inference_shape` (the shape to evaluate a checkpoint at any (T, H) with).
 
 The patch hook changes no model file and no parameter name: it shadows a few bound methods on the model
 instance (``conv1.forward`` and ``grid_size`` of a CLIP tower; ``embed`` of VideoMamba) and removes them on
-exit, so checkpoints, ``state_dict`` and DDP see the same module tree.
+exit, so checkpoints, ``state_dict`` and DDP see the same module tree. It takes the model itself, never a
+DistributedDataParallel wrapper.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import math
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Callable, Iterator
 
-import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset, Sampler, default_collate
 
+from pks4.data.flex_sampler import FlexShape, _patch_shape, static_token_patch
 from pks4.layers.posembed import resize_patch_kernel
 
-__all__ = [
-    "FLEX_MODES", "PATCH_POLICIES", "FlexConfig", "FlexShape", "FlexKey", "native_geometry", "resolve_flex_config",
-    "static_token_patch", "sample_shape", "tokens_per_clip", "batch_size_for", "FlexBatchSampler",
-    "FlexDataset", "data_config_at", "resized_video_dataset", "flex_collate", "flex_patch", "set_patch_size",
-    "inference_shape", "fit_to_grid",
-]
+__all__ = ["PATCH_POLICIES", "native_geometry", "flex_patch", "set_patch_size", "inference_shape", "fit_to_grid"]
 
-FLEX_MODES = ("none", "temporal", "static_patch", "static_tokens", "flexivit", "flex_all")
 PATCH_POLICIES = ("native", "static_tokens")
-
-
-# ---- configuration and shape sampling (§4.2) -----------------------------------------------------------------
-@dataclass
-class FlexConfig:
-    """How batches are flexed. Defaults are the paper's (§4.2 and §5.1) for a 16-frame, 224 px, p = 16 model."""
-
-    mode: str = "static_tokens"  # one of FLEX_MODES; "none" = every batch at (base_frames, base_size)
-    frames: tuple[int, ...] = (8, 16, 32, 64)  # R^t
-    sizes: tuple[int, ...] = (96, 128, 224, 384)  # R^s
-    flexivit_size: int = 240  # FlexiViT keeps H = W = 240 ...
-    flexivit_patches: tuple[int, ...] = (8, 10, 12, 15, 16, 20, 24, 30, 40, 48)  # ... and samples p from these
-    flex_all_patches: tuple[int, int] = (12, 48)  # flex-all: p in this range, preferring divisors of H
-    base_frames: int = 16  # T0: the reference clip length (the static model's), for batch scaling
-    base_size: int = 224  # H0: the size the model's position embedding is stored for
-    base_patch: int = 16  # p0: the model's stored patch size; base_size // base_patch is the native grid
-    kernel_resize: str = "bicubic"  # "bicubic" (the paper) | "pi" (FlexiViT's pseudo-inverse resize)
-    scale_batch: bool = True  # batch ~ base_batch * tokens(T0, H0, p0) / tokens(T, H, p)
-    max_batch: int | None = None  # upper bound on a scaled batch (None = base_batch * 8)
-    tubelet: int = 1  # frames per token (Park's VideoMamba: 2); T is kept a multiple of it
-
-    def __post_init__(self) -> None:
-        self.frames, self.sizes = tuple(int(t) for t in self.frames), tuple(int(s) for s in self.sizes)
-        self.flexivit_patches = tuple(int(p) for p in self.flexivit_patches)
-        self.flex_all_patches = tuple(int(p) for p in self.flex_all_patches)
-        if self.mode not in FLEX_MODES:
-            raise ValueError(f"FlexConfig.mode={self.mode!r}; expected one of {FLEX_MODES}")
-        if self.kernel_resize not in ("bicubic", "pi"):
-            raise ValueError(f"FlexConfig.kernel_resize={self.kernel_resize!r}; expected 'bicubic' or 'pi'")
-        if not self.frames or not self.sizes or min(self.frames + self.sizes) < 1:
-            raise ValueError(f"FlexConfig needs non-empty positive frames/sizes, got {self.frames}, {self.sizes}")
-        bad_t = [t for t in self.frames if t % self.tubelet]
-        if bad_t:
-            raise ValueError(f"FlexConfig.frames {bad_t} are not multiples of the tubelet {self.tubelet}")
-        if self.base_size % self.base_patch:
-            raise ValueError(f"FlexConfig.base_size {self.base_size} is not a multiple of base_patch {self.base_patch}")
-        lo, hi = self.flex_all_patches
-        if not 1 <= lo <= hi:
-            raise ValueError(f"FlexConfig.flex_all_patches must be (lo, hi) with 1 <= lo <= hi, got {(lo, hi)}")
-
-    @property
-    def native_grid(self) -> int:
-        return self.base_size // self.base_patch
-
-
-class FlexShape(NamedTuple):
-    """What every clip of one batch looks like: T frames of size x size pixels, cut into a grid x grid token
-    grid of patch x patch pixels (the frame is centre-cropped or edge-padded to grid * patch, see
-    :func:`fit_to_grid`)."""
-
-    frames: int
-    size: int
-    patch: int
-    grid: int
-
-
-class FlexKey(NamedTuple):
-    """One dataset item at one shape: what :class:`FlexBatchSampler` yields and :class:`FlexDataset` reads."""
-
-    index: int
-    shape: FlexShape
-
-
-def static_token_patch(size: int, native_grid: int) -> FlexShape:
-    """Patch size keeping the native token grid at ``size`` px (static tokens, §4.2 example 3).
-
-    The paper takes p = floor(H / L) and lets the convolution drop the remainder, which changes the grid when
-    H / L is far from an integer (96 / 14 -> p = 6, 16 tokens); rounding p and fitting the frame to L * p
-    (at most p / 2 pixels cropped or padded per side) keeps exactly L tokens.
-    """
-    patch = max(1, int(round(size / native_grid)))
-    return FlexShape(0, size, patch, native_grid)
-
-
-def _patch_shape(size: int, patch: int) -> tuple[int, int]:
-    if patch > size:
-        raise ValueError(f"patch size {patch} is larger than the frame size {size}")
-    return patch, size // patch
-
-
-def _pick(rng: np.random.Generator, values: tuple[int, ...] | list[int]) -> int:
-    # The same draw as rng.choice(values) (one integers() call), without its per-call array conversion:
-    # a whole epoch is planned at start-up, so this runs once per batch of every epoch.
-    return int(values[int(rng.integers(len(values)))])
-
-
-def sample_shape(cfg: FlexConfig, rng: np.random.Generator) -> FlexShape:
-    """Draw one batch shape for ``cfg.mode`` (§4.2): uniform over R^t, R^s and the mode's patch set."""
-    t = _pick(rng, cfg.frames) if cfg.mode != "none" else cfg.base_frames
-    if cfg.mode in ("none", "temporal"):
-        return FlexShape(t, cfg.base_size, cfg.base_patch, cfg.native_grid)
-    if cfg.mode == "flexivit":
-        p, g = _patch_shape(cfg.flexivit_size, _pick(rng, cfg.flexivit_patches))
-        return FlexShape(t, cfg.flexivit_size, p, g)
-    size = _pick(rng, cfg.sizes)
-    if cfg.mode == "static_patch":
-        return FlexShape(t, size, *_patch_shape(size, cfg.base_patch))
-    if cfg.mode == "static_tokens":
-        return FlexShape(t, size, static_token_patch(size, cfg.native_grid).patch, cfg.native_grid)
-    lo, hi = cfg.flex_all_patches  # flex_all: p divides H where it can (§4.2 example 5)
-    hi = min(hi, size)
-    candidates = [p for p in range(min(lo, hi), hi + 1) if size % p == 0] or list(range(min(lo, hi), hi + 1))
-    return FlexShape(t, size, *_patch_shape(size, _pick(rng, candidates)))
-
-
-def tokens_per_clip(shape: FlexShape, tubelet: int = 1) -> int:
-    """Video tokens one clip of ``shape`` becomes: (T / tubelet) * grid^2 (CLS tokens are negligible)."""
-    return max(1, shape.frames // tubelet) * shape.grid**2
-
-
-def batch_size_for(shape: FlexShape, base_batch: int, cfg: FlexConfig) -> int:
-    """Clips per batch so tokens per batch stay near base_batch * tokens(T0, H0, p0), at least 1.
-
-    Activation memory of the token mixers is linear in the token count (quadratic attention inside a frame is
-    fixed by the grid), so bounding tokens bounds memory across shapes.
-    """
-    if not cfg.scale_batch:
-        return base_batch
-    ref = FlexShape(cfg.base_frames, cfg.base_size, cfg.base_patch, cfg.native_grid)
-    scaled = base_batch * tokens_per_clip(ref, cfg.tubelet) // tokens_per_clip(shape, cfg.tubelet)
-    cap = cfg.max_batch if cfg.max_batch is not None else 8 * base_batch
-    return int(min(max(1, scaled), cap))
 
 
 # ---- the model's native geometry ------------------------------------------------------------------------------
@@ -191,13 +50,8 @@ def _videomamba(model: nn.Module) -> nn.Module | None:
     return model if isinstance(model, VideoMamba) else None
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def native_geometry(model: nn.Module) -> dict[str, int]:
     """``{"patch", "size", "frames", "tubelet"}`` the model's weights are stored for."""
-    model = _unwrap(model)
     tower, vm = _clip_tower(model), _videomamba(model)
     if tower is not None:
         frames = int(getattr(getattr(model, "config", None), "num_frames", 8))
@@ -207,151 +61,6 @@ def native_geometry(model: nn.Module) -> dict[str, int]:
         return {"patch": c.patch_size, "size": c.image_size, "frames": c.num_frames, "tubelet": c.tubelet}
     raise TypeError(f"flexible patch embedding does not know {type(model).__name__}: expected a CLIP-tower "
                     f"model (attribute .backbone) or VideoMamba")
-
-
-def resolve_flex_config(cfg: FlexConfig, model: nn.Module, base_frames: int | None = None) -> FlexConfig:
-    """``cfg`` with base_patch / base_size / tubelet (and base_frames, if given) taken from ``model``."""
-    geo = native_geometry(model)
-    return dataclasses.replace(cfg, base_patch=geo["patch"], base_size=geo["size"], tubelet=geo["tubelet"],
-                               base_frames=base_frames if base_frames is not None else cfg.base_frames)
-
-
-# ---- batch sampler ---------------------------------------------------------------------------------------------
-class FlexBatchSampler(Sampler[list[FlexKey]]):
-    """Batches of :class:`FlexKey` sharing one shape, drawn per batch; deterministic in (seed, epoch).
-
-    Every rank of a DDP job builds the same plan (same permutation, same shapes) and takes its own slice of
-    each batch, so all ranks run the same number of steps on the same shape. ``set_epoch(epoch, start)`` also
-    skips the first ``start`` batches (resuming mid-epoch).
-    """
-
-    def __init__(self, dataset_len: int, base_batch: int, cfg: FlexConfig, seed: int = 0, *, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
-        if dataset_len < 1 or base_batch < 1:
-            raise ValueError(f"FlexBatchSampler needs dataset_len >= 1 and base_batch >= 1, "
-                             f"got {dataset_len}, {base_batch}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside [0, {world_size})")
-        self.n, self.base_batch, self.cfg, self.seed = dataset_len, base_batch, cfg, seed
-        self.shuffle, self.rank, self.world_size, self.drop_last = shuffle, rank, world_size, drop_last
-        self.epoch, self.start = 0, 0
-        self._cached: tuple[int, list[tuple[FlexShape, list[int]]]] | None = None
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select epoch ``epoch`` and skip its first ``start`` batches (counted in batches, not items)."""
-        self.epoch, self.start = int(epoch), int(start)
-
-    def plan(self) -> list[tuple[FlexShape, list[int]]]:
-        """This rank's batches of the current epoch: (shape, dataset indices)."""
-        if self._cached is None or self._cached[0] != self.epoch:  # len() then iter() plan an epoch once
-            self._cached = (self.epoch, self._plan(self.epoch))
-        return self._cached[1]
-
-    def _plan(self, epoch: int) -> list[tuple[FlexShape, list[int]]]:
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
-        out, pos = [], 0
-        while pos < self.n:
-            shape = sample_shape(self.cfg, rng)
-            per_rank = batch_size_for(shape, self.base_batch, self.cfg)
-            chunk = order[pos:pos + per_rank * self.world_size].tolist()
-            pos += per_rank * self.world_size
-            if len(chunk) < per_rank * self.world_size:
-                if self.drop_last:
-                    break
-                per_rank = math.ceil(len(chunk) / self.world_size)
-                chunk += order[:per_rank * self.world_size - len(chunk)].tolist()  # wrap, as DistributedSampler
-            out.append((shape, chunk[self.rank * per_rank:(self.rank + 1) * per_rank]))
-        return out
-
-    def __iter__(self) -> Iterator[list[FlexKey]]:
-        for shape, indices in self.plan()[self.start:]:
-            yield [FlexKey(i, shape) for i in indices]
-
-    def __len__(self) -> int:
-        return max(0, len(self.plan()) - self.start)
-
-
-# ---- datasets at a sampled (T, H) -------------------------------------------------------------------------------
-def data_config_at(cfg: Any, frames: int | None, size: int | None) -> Any:
-    """A :class:`pks4.data.datasets.DataConfig` for ``frames`` x ``size`` clips (None keeps the value).
-
-    The test-time short side scales with ``size`` (the same field of view at every size, as resizing frames in
-    the paper does), so a 3-crop or centre-crop view covers the same part of the frame at every size.
-    """
-    frames = cfg.num_frames if frames is None else int(frames)
-    size = cfg.size if size is None else int(size)
-    short = max(size, int(round(size * cfg.short_side / max(cfg.size, 1))))
-    return dataclasses.replace(cfg, num_frames=frames, size=size, short_side=short)
-
-
-def resized_video_dataset(dataset: Dataset, frames: int, size: int) -> Dataset:
-    """A copy of a :class:`pks4.data.datasets.VideoDataset` that loads ``frames`` x ``size`` clips
-    (configured by :func:`data_config_at`). Datasets with a ``with_shape(frames, size)`` method are asked directly.
-    """
-    if hasattr(dataset, "with_shape"):
-        return dataset.with_shape(frames, size)
-    cfg = getattr(dataset, "cfg", None)
-    if cfg is None or not hasattr(dataset, "_train_tf"):
-        raise TypeError(f"cannot load {type(dataset).__name__} at other sizes: give it with_shape(frames, size)")
-    out = copy.copy(dataset)
-    out.cfg = data_config_at(cfg, frames, size)
-    out._train_tf = dataclasses.replace(dataset._train_tf, size=size)
-    if getattr(dataset, "views", None) is not None:
-        out.views = dataclasses.replace(dataset.views, frames=frames)
-    return out
-
-
-class FlexDataset(Dataset):
-    """Reads :class:`FlexKey` items (index at a shape) through per-shape copies of ``dataset``.
-
-    Items are the inner dataset's dicts plus ``"shape"``; an unreadable video (inner item None) becomes
-    ``{"skipped": path}`` so :func:`flex_collate` can drop and report it, also from worker processes.
-    """
-
-    def __init__(self, dataset: Dataset, variant: Callable[[Dataset, int, int], Dataset] = resized_video_dataset
-                 ) -> None:
-        self.dataset, self.variant = dataset, variant
-        self._variants: dict[tuple[int, int], Dataset] = {}
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    @property
-    def samples(self) -> Any:
-        """The inner dataset's samples (None when it has none): names the file of a skipped item."""
-        return getattr(self.dataset, "samples", None)
-
-    def at(self, frames: int, size: int) -> Dataset:
-        key = (int(frames), int(size))
-        if key not in self._variants:
-            self._variants[key] = self.variant(self.dataset, *key)
-        return self._variants[key]
-
-    def __getitem__(self, key: FlexKey | int) -> Any:
-        if not isinstance(key, FlexKey):
-            return self.dataset[key]
-        item = self.at(key.shape.frames, key.shape.size)[key.index]
-        if item is None:  # the variants share the inner dataset's record of bad videos: its last entry says why
-            bad, samples = getattr(self.dataset, "bad", None), self.samples
-            path = str(samples[key.index].path) if samples is not None else f"item {key.index}"
-            why = str(bad[-1][1]) if bad and bad[-1][0] == path else ""
-            return {"skipped": why if path in why else f"{path}: {why or 'unreadable'}"}
-        return {**item, "shape": key.shape} if isinstance(item, dict) else {"item": item, "shape": key.shape}
-
-
-def flex_collate(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    """Stack one batch of equal-shape items; ``"shape"`` becomes one :class:`FlexShape`, ``"skipped"`` a list."""
-    skipped = [it["skipped"] for it in items if it is not None and "skipped" in it]
-    kept = [it for it in items if it is not None and "skipped" not in it]
-    if not kept:
-        return {"skipped": skipped} if skipped else None
-    shapes = {it["shape"] for it in kept}
-    if len(shapes) != 1:
-        raise ValueError(f"flex_collate: one batch mixes shapes {sorted(shapes)}; use FlexBatchSampler")
-    batch = default_collate([{k: v for k, v in it.items() if k != "shape"} for it in kept])
-    batch["shape"], batch["skipped"] = shapes.pop(), skipped
-    return batch
 
 
 # ---- the patch hook ---------------------------------------------------------------------------------------------
@@ -435,7 +144,6 @@ def set_patch_size(model: nn.Module, patch: int | None, grid: int | None = None,
     ``grid`` fixes the token grid along the shorter frame side (static tokens); None takes floor(H / patch).
     ``patch=None`` with ``grid=None`` changes nothing. Returns the undo function.
     """
-    model = _unwrap(model)
     if patch is None and grid is None:
         return lambda: None
     geo = native_geometry(model)
