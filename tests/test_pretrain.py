@@ -95,3 +95,25 @@ def test_bad_teacher_file_is_one_clear_line(tmp_path, capsys):
     assert _run(data, tmp_path, tmp_path / "c", "--teacher", str(tmp_path / "missing.pt")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "teacher.path" in err[0] and "missing.pt" in err[0]
+
+
+def test_pretraining_has_the_loop_s_weight_average_and_nan_policy(tmp_path):
+    from pks4.engine.pretrain import build_pretrainer, load_pretrain_config
+
+    data = generate_synth(tmp_path / "synth", seed=3, num_train_per_class=1, num_val_per_class=0, num_frames=4,
+                          size=32)
+    recipe = tmp_path / "pretrain.yaml"
+    recipe.write_text(RECIPE)
+    cfg = load_pretrain_config(recipe, [f"data.root={data.root}", f"data.train={data.train}", f"out={tmp_path / 'r'}",
+                                        "train.ema_decay=0.5", "train.nan_policy=skip"])
+    messages = []
+    loop = build_pretrainer(cfg, log=messages.append)
+    decoder = loop.task.student.decoder.proj.weight
+    decoder.register_hook(lambda g: g * float("nan") if loop.global_step + 1 == 2 else g)
+    result = loop.fit()
+    assert result.status == "finished" and result.global_step == 2 and result.nan_skipped_steps == [2]
+    assert any("step 2" in m and "update skipped" in m for m in messages) and loop.ema.updates == 2
+    state = read_state(result.checkpoint)
+    assert {"decoder", "train_weights", "ema_updates"} <= set(state) and state["nan_skipped"] == [2]
+    weights = load_file(result.checkpoint / "model.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in loop.ema.state_dict().items())  # the average is saved
