@@ -136,3 +136,11 @@ def test_shard_plan_splits_ranks_and_keeps_epochs_apart():
     assert ranks[0].batches(1) != a and ranks[0].batches(0) == a
     tiny = ShardPlan(3, DistInfo(), 2, shuffle=False)
     assert tiny.batches(0) == [[0, 1], [2]]  # fewer than two batches: nothing dropped
+
+
+def test_loader_timeout_is_checked_where_it_is_parsed():
+    from pks4.engine.config import ConfigError, load_config
+
+    assert load_config(None, []).train.loader_timeout == LoaderOptions().timeout == 600.0
+    with pytest.raises(ConfigError, match=r"train.loader_timeout=-1.0; expected seconds >= 0"):
+        load_config(None, ["train.loader_timeout=-1"])

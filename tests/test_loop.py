@@ -60,7 +60,7 @@ class Classify(Task):
     def inputs(self, batch):
         return {"video": batch.video, "label": batch.label}
 
-    def forward(self, inputs, geometry=None):
+    def loss(self, inputs, geometry=None):
         step = self.loop.global_step + 1 if self.loop is not None else 0
         self.weights_at.setdefault(step, self.model.proj.weight.detach().clone())
         loss = F.cross_entropy(self.model(inputs["video"]), inputs["label"])
@@ -158,7 +158,7 @@ class Distill(Task):
     def inputs(self, batch):
         return {"video": batch.video, "label": batch.label}
 
-    def forward(self, inputs, geometry=None):
+    def loss(self, inputs, geometry=None):
         from pks4.models.videomamba_pretrain import cosine_alignment_loss
 
         tokens = self.model.forward_tokens(inputs["video"])
@@ -243,3 +243,17 @@ def test_fused_adamw_agrees_with_the_plain_one_and_drops_a_flagged_update():
     fused.step()
     assert all(torch.equal(v, fused_net.state_dict()[k]) for k, v in before.items())
     assert int(fused.state[fused_net.proj.weight]["step"]) == 3
+
+
+def test_the_geometry_reaches_a_model_that_takes_it_as_an_argument():
+    from pks4.engine import _geometry_bridge as bridge
+
+    class TakesGeometry(nn.Module):
+        def forward(self, x: torch.Tensor, *, geometry=None) -> torch.Tensor:
+            self.seen = geometry
+            return x
+
+    model, geometry = TakesGeometry(), bridge.TokenGeometry(patch=4, grid=2, kernel_resize="pi")
+    with bridge.hold(model, geometry):  # nothing to install: the argument carries it
+        bridge.forward(model, torch.ones(1), geometry)
+    assert model.seen is geometry and bridge.contract_view(model) is not model  # no native_geometry(): a view

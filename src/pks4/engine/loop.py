@@ -39,8 +39,9 @@ at start-up; the LR schedule spans the sum of the planned steps (warm-up: warm-u
   and evaluation runs; ``train_set``: a dataset of :class:`~pks4.data.items.Item` / ``Skipped``;
 * ``inputs(batch) -> dict``: CPU-side preparation of a :class:`~pks4.data.items.Batch` (mixup, targets); the
   loop moves the tensors to the device;
-* ``forward(inputs, geometry) -> dict[str, Tensor]``: the named loss terms (the loop sums them, logs each);
-  a frozen teacher adding a term (self-distillation) or four objectives (video-text) are just more terms;
+* ``loss(inputs, geometry) -> dict[str, Tensor]``: the named loss terms (the loop sums them, logs each; the
+  loop calls it through ``forward``, which DDP wraps); a frozen teacher adding a term (self-distillation) or
+  four objectives (video-text) are just more terms;
 * ``trainable()``: the module the optimizer sees (its ``layer_id`` drives layer-wise LR decay);
 * ``evaluate(model, loop)``: metrics (``score_key`` among them marks the best checkpoint) or None;
 * ``metadata()``, ``extra_state()`` / ``load_extra_state(state, source)``: what checkpoints carry besides the
@@ -87,6 +88,13 @@ class Task(nn.Module):
 
     def inputs(self, batch: Batch) -> dict[str, Any]:
         return {"video": batch.video}
+
+    def loss(self, inputs: dict[str, Any], geometry: Any = None) -> dict[str, Tensor]:
+        """The named loss terms of one micro-batch (``inputs`` on the device, under autocast)."""
+        raise NotImplementedError
+
+    def forward(self, inputs: dict[str, Any], geometry: Any = None) -> dict[str, Tensor]:
+        return self.loss(inputs, geometry)  # the call DistributedDataParallel wraps
 
     def trainable(self) -> nn.Module:
         return self.model

@@ -179,7 +179,7 @@ class AlignTask(Task):
         self.teacher.eval()  # frozen: its dropout or norm statistics must not change with the student's mode
         return self
 
-    def forward(self, inputs: dict[str, Tensor], geometry: Any = None) -> dict[str, Tensor]:
+    def loss(self, inputs: dict[str, Tensor], geometry: Any = None) -> dict[str, Tensor]:
         return {"align": masked_alignment_loss(self.student, self.teacher, inputs["video"])}
 
     def metadata(self) -> dict[str, Any]:

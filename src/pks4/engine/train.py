@@ -121,7 +121,7 @@ class ClassifyTask(Task):
             return {"video": video, "target": target}
         return {"video": batch.video, "target": soft_targets(batch.label, k, t.label_smoothing)}
 
-    def forward(self, inputs: dict[str, Tensor], geometry: Any = None) -> dict[str, Tensor]:
+    def loss(self, inputs: dict[str, Tensor], geometry: Any = None) -> dict[str, Tensor]:
         logits = bridge.forward(self.model, inputs["video"], geometry)
         return {"ce": soft_cross_entropy(logits, inputs["target"])}
 
