@@ -118,11 +118,14 @@ def test_recipes_lists_the_packaged_recipes_and_prints_one(capsys):
     assert "pks4_b99" in err and "pks4 recipes" in err and "Traceback" not in err
 
 
-def test_every_packaged_recipe_loads_by_name():
+def test_every_packaged_recipe_loads_by_name(tmp_path):
     from pks4.cli.training import packaged_recipes, recipe_path
     from pks4.engine.config import load_config
     from pks4.engine.pretrain import load_pretrain_config
 
+    folder = tmp_path / "pks4_b16_ssv2_8f"  # something at that path: it is what the user means (and wrong)
+    folder.mkdir()
+    assert recipe_path(str(folder)) == folder and recipe_path("pks4_b16_ssv2_8f").is_file()
     for name, (command, description) in packaged_recipes().items():
         assert description, f"{name}.yaml has no first comment line to describe it"
         if command == "train":

@@ -44,21 +44,28 @@ def packaged_recipes() -> dict[str, tuple[str, str]]:
 
 
 def recipe_path(name_or_path: str) -> Path:
-    """A YAML file given by path, or a packaged recipe given by name (``pks4 recipes`` lists them)."""
+    """The YAML file ``name_or_path`` names: a path as it is (whatever is there, the config reader says what is
+    wrong with it), or, where nothing is at that path, the packaged recipe of that name (``pks4 recipes``)."""
     path = Path(name_or_path)
-    if path.is_file():
-        return path
     name = name_or_path[:-len(".yaml")] if name_or_path.endswith(".yaml") else name_or_path
-    if name in packaged_recipes():
-        return Path(str(_recipe_dir() / f"{name}.yaml"))
-    raise FileNotFoundError(f"{name_or_path}: no such config file, and not a packaged recipe "
-                            f"(`pks4 recipes` lists them: {', '.join(packaged_recipes())})")
+    if not (path.exists() or path.is_symlink()) and name in packaged_recipes():
+        return _packaged(name)
+    return path
+
+
+def _packaged(name: str) -> Path:
+    return Path(str(_recipe_dir() / f"{name}.yaml"))
 
 
 def _recipes_cmd(args: argparse.Namespace) -> int:
+    from pks4.engine.config import ConfigError
+
     recipes = packaged_recipes()
     if args.name:
-        print(recipe_path(args.name).read_text(), end="")
+        name = args.name[:-len(".yaml")] if args.name.endswith(".yaml") else args.name
+        if name not in recipes:
+            raise ConfigError(f"{args.name}: not a packaged recipe; `pks4 recipes` lists them: {', '.join(recipes)}")
+        print(_packaged(name).read_text(), end="")
         return 0
     width = max(len(n) for n in recipes)
     print(f"{'name':<{width}}  {'command':<8}  description")
