@@ -248,3 +248,14 @@ def test_cache_decoded_gives_the_same_clips(tmp_path):
     victim.write_bytes(other.read_bytes())
     torch.testing.assert_close(again[0].video, plain[1].video)
     datasets.clear_decoded_cache()
+
+
+def test_a_list_whose_paths_end_in_a_number_is_not_read_as_raw_frames(tmp_path):
+    """``clip 1 0`` is a video "clip 1" of class 0, or a folder "clip" of 1 frame: the folder on disk decides."""
+    (tmp_path / "list.txt").write_text("clip 1 0\nclip 2 1\n")
+    report = check_dataset(tmp_path / "list.txt", DataConfig(root=str(tmp_path)), max_videos=0)
+    assert report.format == "list" and report.errors == []
+    assert [m.split(": ", 1)[1] for m in report.missing] == [str(tmp_path / "clip 1"), str(tmp_path / "clip 2")]
+    (tmp_path / "clip").mkdir()
+    report = check_dataset(tmp_path / "list.txt", DataConfig(root=str(tmp_path)), max_videos=0)
+    assert report.format == "rawframes" and report.missing == []

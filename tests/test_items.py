@@ -105,7 +105,7 @@ def test_a_new_format_is_a_parser_and_one_line(tmp_path):
 
     write_video(tmp_path / "v.mp4", np.zeros((6, 16, 16, 3), np.uint8), fps=6)
     (tmp_path / "x.pairs").write_text("1|v.mp4\n")
-    register_format("pairs", parse_pairs, detect=lambda path, head: path.suffix == ".pairs")
+    register_format("pairs", parse_pairs, detect=lambda path, head, root: path.suffix == ".pairs")
     try:
         assert "pairs" in dataset_formats()
         for fmt in ("pairs", "auto"):  # named, or detected

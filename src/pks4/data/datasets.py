@@ -376,36 +376,42 @@ def parse_folder(d: Path, root: Path, cfg: DataConfig, classes: list[str] | None
     return out
 
 
-def _is_k400(p: Path, head: list[str]) -> bool:
+def _is_k400(p: Path, head: list[str], root: Path) -> bool:
     return bool(head) and {"youtube_id", "label"} <= {x.strip() for x in head[0].split(",")}
 
 
-def _is_rawframes(p: Path, head: list[str]) -> bool:
+def _is_rawframes(p: Path, head: list[str], root: Path) -> bool:
+    """``folder total_frames label`` lines whose folders are there. A ``path label`` list whose paths end in a
+    number reads the same (``v0 1 0``), so the folders on disk decide; while they are missing, say
+    ``format: rawframes``."""
     data = head[1:] if head and _HEADER_WORDS & set(re.split(r"[,\s]+", head[0].lower())) else head
     three = [_split_line(ln.strip(), 3) for ln in data[:10]]
-    return bool(three) and all(len(q) == 3 and q[1].isdigit() and q[2].isdigit() for q in three)
+    if not three or not all(len(q) == 3 and q[1].isdigit() and q[2].isdigit() for q in three):
+        return False
+    return any((root / q[0]).is_dir() for q in three)
 
 
 # ------------------------------------------------------------------------------------------ the registry
 
 FormatParser = Callable[[Path, Path, DataConfig, "list[str] | None"], Parsed]
+FormatDetector = Callable[[Path, "list[str]", Path], bool]
 
 
 @dataclass(frozen=True)
 class DatasetFormat:
     """A registered annotation format: ``parse(source, root, cfg, classes)`` and, for ``format: auto``, an
-    optional ``detect(source, head)`` (``head``: the first non-comment lines of a file, [] for a folder)."""
+    optional ``detect(source, head, root)`` (``head``: the first non-comment lines of a file, [] for a folder;
+    ``root``: what the listed paths are relative to)."""
 
     name: str
     parse: FormatParser
-    detect: Callable[[Path, list[str]], bool] | None = None
+    detect: FormatDetector | None = None
 
 
 _FORMATS: dict[str, DatasetFormat] = {}
 
 
-def register_format(name: str, parse: FormatParser, detect: Callable[[Path, list[str]], bool] | None = None
-                    ) -> None:
+def register_format(name: str, parse: FormatParser, detect: FormatDetector | None = None) -> None:
     """Make ``DataConfig.format=name`` read annotations with ``parse``; ``detect`` joins auto-detection
     (tried in registration order; a file no detector claims is read as a ``list``)."""
     if name == "auto" or name in _FORMATS:
@@ -418,17 +424,17 @@ def dataset_formats() -> tuple[str, ...]:
     return ("auto", *_FORMATS)
 
 
-register_format("folder", parse_folder, detect=lambda p, head: p.is_dir())
-register_format("ssv2", parse_ssv2, detect=lambda p, head: p.suffix.lower() == ".json")
+register_format("folder", parse_folder, detect=lambda p, head, root: p.is_dir())
+register_format("ssv2", parse_ssv2, detect=lambda p, head, root: p.suffix.lower() == ".json")
 register_format("k400", parse_k400, detect=_is_k400)
 register_format("rawframes", parse_rawframes, detect=_is_rawframes)
 register_format("list", parse_list)
 
 
-def _guess_format(p: Path) -> str:
+def _guess_format(p: Path, root: Path) -> str:
     head = [] if p.is_dir() or p.suffix.lower() == ".json" else \
         [ln for ln in _read_lines(p)[:20] if ln.strip() and not ln.lstrip().startswith("#")]
-    return next((f.name for f in _FORMATS.values() if f.detect is not None and f.detect(p, head)), "list")
+    return next((f.name for f in _FORMATS.values() if f.detect is not None and f.detect(p, head, root)), "list")
 
 
 # -------------------------------------------------------------------------------------------- building
@@ -454,8 +460,8 @@ def _split_source(cfg: DataConfig, split: str) -> Path:
 
 
 def _parse(source: Path, cfg: DataConfig, classes: list[str] | None) -> Parsed:
-    fmt = cfg.format if cfg.format != "auto" else _guess_format(source)
     root = Path(cfg.root) if cfg.root else (source if source.is_dir() else source.parent)
+    fmt = cfg.format if cfg.format != "auto" else _guess_format(source, root)
     return _FORMATS[fmt].parse(source, root, cfg, classes)
 
 
