@@ -13,6 +13,7 @@ import torch
 import pks4
 from inference_fixtures import clf, data, run, val_videos  # noqa: F401 (fixtures)
 from pks4.cli import main
+from pks4.data.items import Batch
 from pks4.data.synth import write_video
 from pks4.data.video import read_frames
 from pks4.engine.checkpoint import CheckpointError
@@ -191,7 +192,7 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, clf, data):
     monkeypatch.setenv("PKS4_NO_PROGRESS", "1")
     assert progress_bar(3, "x").disable
     views = torch.stack([clf.preprocess(v) for v in val_videos(data)[:2]])
-    batches = [{"video": views, "label": torch.tensor([0, 1]), "index": torch.tensor([0, 1])}]
+    batches = [Batch(views, torch.tensor([0, 1]), torch.tensor([0, 1]))]
     assert torch.equal(evaluate(clf.model, batches, progress=True).probs, evaluate(clf.model, batches).probs)
 
 

@@ -216,9 +216,9 @@ def test_cli_debug_shows_the_traceback(tmp_path, capsys):
 
 
 def test_cli_internal_error_exits_1_with_a_report_line(monkeypatch, capsys):
-    import pks4.cli as cli
+    import pks4.cli.tools as tools
 
-    monkeypatch.setattr(cli, "_models_cmd", lambda args: torch.zeros(2) @ torch.zeros(3))
+    monkeypatch.setattr(tools, "_models_cmd", lambda args: torch.zeros(2) @ torch.zeros(3))
     assert main(["models"]) == EXIT_INTERNAL
     err = capsys.readouterr().err
     assert "Traceback" in err and "please report it" in err

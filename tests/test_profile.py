@@ -4,7 +4,6 @@ Conventions (see pks4.engine.profile): FULL counts everything; PKS4's published 
 attention, VideoMamba's a count of the Mamba in/out projections only. Each published number is tested under
 the convention that reproduces it, and the full count is pinned as a golden value with its deviation stated.
 """
-import argparse
 import functools
 import json
 
@@ -144,18 +143,16 @@ def test_every_registered_model_profiles(name):
 
 
 def test_cli_json(capsys):
-    parser = argparse.ArgumentParser()
-    prof.add_profile_parser(parser.add_subparsers())
-    args = parser.parse_args(["profile", "pks4_vit_tiny", "--views", "4x2x3", "--repeats", "1", "--json"])
-    assert args.func(args) == 0
+    from pks4.cli import main
+
+    assert main(["profile", "pks4_vit_tiny", "--views", "4x2x3", "--repeats", "1", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     for key in ("params", "trainable_params", "params_per_module", "gflops_per_view", "gflops_total",
                 "latency_ms", "throughput", "peak_mem_mb"):
         assert key in r
     assert r["gflops_total"] == pytest.approx(6 * r["gflops_per_view"])
-    args = parser.parse_args(["profile", "pks4_vit_b16", "--training-compute", "--epochs", "20",
-                              "--dataset-size", str(SSV2_CLIPS), "--no-attention-flops", "--json"])
-    assert args.func(args) == 0
+    assert main(["profile", "pks4_vit_b16", "--training-compute", "--epochs", "20", "--dataset-size",
+                 str(SSV2_CLIPS), "--no-attention-flops", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["training_eflops"] == pytest.approx(2.9521, rel=0.03)
 
 

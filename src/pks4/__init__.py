@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from pks4.version import __version__
 
 _LAZY = {
     "create_model": "pks4.weights",  # the builder: registry models, pretrained weights read first

@@ -132,16 +132,6 @@ def _raised_in_pks4(tb: TracebackType | None) -> bool:
         return False
 
 
-def _other_user_errors() -> tuple[type[BaseException], ...]:
-    """Project errors that do not derive from UserError (yet); imported lazily to keep this module a leaf."""
-    found: list[type[BaseException]] = []
-    for module, name in (("pks4.engine.train", "TrainingError"),):
-        mod = sys.modules.get(module)  # only a module already in use can have raised its error
-        if mod is not None and isinstance(getattr(mod, name, None), type):
-            found.append(getattr(mod, name))
-    return tuple(found)
-
-
 def _parse_error_message(exc: BaseException) -> str | None:
     """One line for a file that does not parse (YAML, JSON, CSV, text that is not UTF-8)."""
     yaml = sys.modules.get("yaml")
@@ -172,14 +162,14 @@ def _worker_user_error(exc: BaseException) -> str | None:
         return None
     module, _, name = qualname.rpartition(".")
     cls = getattr(sys.modules.get(module or "builtins"), name, None)
-    if isinstance(cls, type) and issubclass(cls, (UserError,) + _other_user_errors()):
+    if isinstance(cls, type) and issubclass(cls, UserError):
         return message
     return None
 
 
 def user_message(exc: BaseException) -> str | None:
     """The one line to show for ``exc`` if it comes from what the user gave; None for an internal error."""
-    if isinstance(exc, (UserError,) + _other_user_errors()):
+    if isinstance(exc, UserError):
         return exc.args[0] if len(exc.args) == 1 else str(exc)
     if isinstance(exc, OSError) and exc.errno in _ERRNO_PROBLEMS:
         return describe_os_error(exc)

@@ -39,7 +39,8 @@ from pks4.weights import LoadReport
 
 __all__ = [
     "CheckpointError", "WEIGHTS_FILE", "STATE_FILE", "save_checkpoint", "read_state", "read_weights",
-    "verify_checkpoint", "list_checkpoints", "find_latest", "resolve_checkpoint", "prune_checkpoints",
+    "verify_checkpoint", "list_checkpoints", "find_latest", "resolve_checkpoint", "checkpoint_dir",
+    "prune_checkpoints",
     "save_best", "unwrap", "rng_state", "set_rng_state", "load_weights_into", "load_model_from_checkpoint",
     "describe_partial_load", "read_any_weights", "sweep_leftovers", "plain_state_dict", "atomic_output",
     "write_failure",
@@ -345,6 +346,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{p}: no such checkpoint file or run directory")
     raise CheckpointError(f"{p}: not a checkpoint (expected {WEIGHTS_FILE}, a checkpoint directory or a run "
                           "directory written by `pks4 train --out`)")
+
+
+def checkpoint_dir(path: Path) -> Path:
+    """What ``--resume PATH`` names: a checkpoint directory (or a file inside one), or a run directory (-> its
+    latest valid checkpoint)."""
+    if path.is_file() and path.name in (STATE_FILE, WEIGHTS_FILE):
+        return path.parent
+    if (path / STATE_FILE).is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        latest = find_latest(path)
+        if latest is None:
+            raise CheckpointError(f"{path}: run directory has no valid checkpoint to resume from")
+        return latest
+    what = "no such file or directory" if not path.exists() else "not a checkpoint directory"
+    raise CheckpointError(f"{path}: {what}; --resume takes 'auto', a checkpoint directory (holding "
+                          f"{WEIGHTS_FILE} and {STATE_FILE}) or a run directory; to start "
+                          "from a weights file set model.init_from instead")
 
 
 def load_weights_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str,

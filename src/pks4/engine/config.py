@@ -25,9 +25,9 @@ from typing import Any, Callable, Literal, Optional, Union
 import yaml
 
 from pks4.data.datasets import DataConfig
+from pks4.data.flex_sampler import FlexConfig
 from pks4.data.sampling import parse_views
 from pks4.errors import UserError, describe_os_error, require_regular_file
-from pks4.flex import FlexConfig
 
 __all__ = [
     "ConfigError", "ModelConfig", "OptimConfig", "TrainConfig", "EvalConfig", "RunConfig", "DataConfig", "FlexConfig",
@@ -104,6 +104,9 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 2
+    # Seconds a DataLoader worker may take for one batch before it counts as hung and the batch is retried in a
+    # fresh worker (0 = wait forever). A batch of decoded clips takes seconds; ten minutes allows slow disks.
+    loader_timeout: float = 600.0
     eval_every: int = 1  # epochs
     save_every: int = 1  # epochs
     keep_last: int = 2
@@ -130,6 +133,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ValueError(f"train.{name}={value}; expected an integer >= {low}")
+        if self.loader_timeout < 0:
+            raise ValueError(f"train.loader_timeout={self.loader_timeout}; expected seconds >= 0 (0 = no limit)")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay={self.ema_decay}; expected a number strictly between 0 and 1 "
                              "(e.g. 0.999), or null to turn the average off")
@@ -157,9 +162,9 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # StretchySnake flexible training (pks4.flex): off unless flex.mode is set, e.g. flex.mode=static_tokens.
-    # base_frames / base_size / base_patch / tubelet are taken from data.num_frames and the built model.
-    flex: FlexConfig = field(default_factory=lambda: FlexConfig(mode="none"))
+    # StretchySnake flexible training (pks4.data.flex_sampler): off unless flex.mode is set, e.g.
+    # flex.mode=static_tokens. base_frames / base_size / base_patch / tubelet come from data.num_frames and the model.
+    flex: FlexConfig = field(default_factory=FlexConfig)
     out: str = "runs/default"
 
 

@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pks4.data.items import Batch
+
 __all__ = [
     "EvalOutput", "aggregate_views", "run_views", "embed_views", "topk_accuracy", "mean_class_accuracy",
     "confusion_matrix", "compute_metrics", "save_confusion_matrix", "evaluate", "predict_videos", "topk_labels",
@@ -188,9 +190,9 @@ def _gather(local: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], amp_dtype: torch.dtype | None = None,
+def evaluate(model: nn.Module, loader: Iterable[Batch], amp_dtype: torch.dtype | None = None,
              chunk: int = 16, progress: Any = None, frame_order: str | None = None) -> EvalOutput:
-    """Score every batch of ``loader`` ({"video", "label", "index"}) and gather all ranks' per-sample scores.
+    """Score every :class:`~pks4.data.items.Batch` of ``loader`` and gather all ranks' per-sample scores.
 
     Under DDP each rank scores its shard; the scores are gathered and de-duplicated by dataset index (the
     distributed sampler pads the last shard with repeats), so every rank returns the full, ordered result.
@@ -205,11 +207,11 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], amp_dtype: torc
     model.eval()
     probs, labels, indices = [], [], []
     for batch in loader:
-        if batch is None or "video" not in batch:  # every clip of the batch was skipped as unreadable
+        if batch.video is None:  # every clip of the batch was skipped as unreadable
             continue
-        probs.append(aggregate_views(run_views(model, batch["video"], chunk, amp_dtype, frame_order)).cpu())
-        labels.append(torch.as_tensor(batch["label"]).cpu())
-        indices.append(torch.as_tensor(batch["index"]).cpu())
+        probs.append(aggregate_views(run_views(model, batch.video, chunk, amp_dtype, frame_order)).cpu())
+        labels.append(batch.label)
+        indices.append(batch.index)
         if progress is not None:
             progress.update(1)
     if hasattr(progress, "close"):
@@ -390,13 +392,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_list: str | None = None, da
     """
     from dataclasses import replace
 
-    from torch.utils.data import DataLoader
-
-    from pks4.data.datasets import build_dataset, collate_skip_bad
-    from pks4.data.sampling import parse_views
+    from pks4.data.datasets import build_dataset
+    from pks4.data.flex_sampler import data_config_at
     from pks4.data.frame_order import FRAME_ORDERS
+    from pks4.data.sampling import parse_views
     from pks4.engine.checkpoint import load_model_from_checkpoint
-    from pks4.flex import data_config_at
+    from pks4.engine.loader import LoaderOptions, sequential_stream
 
     if frame_order is not None and frame_order not in FRAME_ORDERS:  # before minutes of loading, not after
         raise ValueError(f"frame order {frame_order!r}: expected one of {', '.join(FRAME_ORDERS)}")
@@ -413,8 +414,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_list: str | None = None, da
     dataset = build_dataset(data_cfg, "val", train=False, views=spec)
     if len(dataset.classes) > len(classes):
         raise ValueError(f"{data_cfg.val}: {len(dataset.classes)} classes but the checkpoint has {len(classes)}")
-    loader = DataLoader(dataset, batch_size=batch_size or cfg.eval.batch_size, num_workers=num_workers,
-                        collate_fn=collate_skip_bad)
+    loader = sequential_stream(dataset, batch_size or cfg.eval.batch_size,
+                               LoaderOptions(num_workers, cfg.train.loader_timeout), skip_bad=data_cfg.skip_bad_videos)
     at_shape = _at_shape(model, spec.frames, data_cfg.size, cfg.data.size, patch_policy, cfg.flex.kernel_resize)
     out = evaluate(at_shape, loader, amp_dtype=amp_dtype, frame_order=frame_order, progress=progress)
     metrics = compute_metrics(out.probs, out.labels, len(classes))
@@ -435,9 +436,10 @@ def predict_checkpoint(checkpoint: str | Path, videos: Sequence[str | Path], vie
     :func:`evaluate_checkpoint`, ``amp`` as in :func:`resolve_amp`."""
     from dataclasses import replace
 
+    from pks4.data.flex_sampler import data_config_at
     from pks4.data.sampling import parse_views
+    from pks4.data.flex_sampler import data_config_at
     from pks4.engine.pretrained import load_for_inference
-    from pks4.flex import data_config_at
 
     patch_policy = _check_patch_policy(patch_policy)
     amp_dtype = resolve_amp(amp, _device(device))

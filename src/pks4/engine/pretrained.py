@@ -167,7 +167,7 @@ def _load_pretrained(folder: Path, map_location: str | torch.device) -> tuple[nn
 
 def pretrained_config(model: nn.Module, spec: InferenceSpec) -> dict[str, Any]:
     """The ``config.json`` of ``model`` with ``spec`` (plain JSON values only)."""
-    from pks4 import __version__
+    from pks4.version import __version__
 
     module = unwrap(model)
     model_config = asdict(module.config)

@@ -1,47 +1,36 @@
-"""StretchySnake: spatio-temporally flexible training and any-size inference (its section 4.2).
+"""StretchySnake, the data half: which (T, H, patch) each batch is drawn at, and batches loaded at that shape
+(its section 4.2).
 
 One set of weights is trained on clips whose frame count T, frame size H and patch size p change from batch to
-batch. Three things are "flexed" on the fly, differentiably, through :mod:`pks4.layers.posembed` (so the stored
-weights train through the resize):
-
-* the patch-embedding kernel w (Eq. 4): bicubic resize (the paper) or FlexiViT's pseudo-inverse resize;
-* the spatial position embedding p_s (Eq. 5): bicubic, done by the models themselves for any token grid;
-* the temporal position embedding p_t (Eq. 6): linear, done by the models themselves for any T.
-
-The five modes of §4.2 differ only in how (T, H, p) are drawn; see :func:`sample_shape`. "static_tokens" (the
-paper's best, StretchySnake proper) flexes p with H so that every frame keeps the native token grid.
+batch. The five modes of §4.2 differ only in how (T, H, p) are drawn (:func:`sample_shape`); "static_tokens"
+(the paper's best, StretchySnake proper) flexes p with H so that every frame keeps the native token grid. The
+model receives each batch's shape as its token geometry (the patch kernel resized by Eq. 4, the position
+embeddings by Eq. 5-6, inside the forward, so the stored weights train through the resize).
 
 Pieces, in the order the data flows:
 
 * :class:`FlexConfig` and :func:`sample_shape`: what a batch looks like (:class:`FlexShape`);
-* :class:`FlexBatchSampler`: one shape per batch, batch size scaled so tokens per batch stay bounded;
-* :class:`FlexDataset` + :func:`flex_collate`: items loaded at the batch's (T, H);
-* the model embeds with the batch's patch size and token grid: ``model(video, geometry=TokenGeometry(...))``
-  (:mod:`pks4.layers.geometry`; :func:`pks4.models.base.geometry_for` evaluates a checkpoint at any (T, H)).
-
-:func:`flex_patch` / :func:`set_patch_size` remain only for the training loop that still calls them; they pass
-the batch's geometry to the model's ``forward`` and are deleted with this file.
+* :class:`FlexBatchSampler`: one shape per batch, batch size scaled so tokens per batch stay bounded, every
+  epoch a pure function of (seed, epoch);
+* :class:`FlexDataset`: items loaded at the batch's (T, H), each carrying its shape
+  (:func:`pks4.data.items.collate` keeps it as ``Batch.shape``).
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Protocol
 
 import numpy as np
-from torch import nn
-from torch.utils.data import Dataset, Sampler, default_collate
+from torch.utils.data import Dataset, Sampler
 
-from pks4.layers.geometry import TokenGeometry
+from .items import Item, Skipped
 
 __all__ = [
-    "FLEX_MODES", "FlexConfig", "FlexShape", "FlexKey", "resolve_flex_config",
-    "static_token_patch", "sample_shape", "tokens_per_clip", "batch_size_for", "FlexBatchSampler",
-    "FlexDataset", "data_config_at", "resized_video_dataset", "flex_collate", "flex_patch", "set_patch_size",
+    "FLEX_MODES", "FlexConfig", "FlexShape", "FlexKey", "resolve_flex_config", "static_token_patch",
+    "sample_shape", "tokens_per_clip", "batch_size_for", "FlexBatchSampler", "FlexDataset", "data_config_at",
+    "resized_video_dataset",
 ]
 
 FLEX_MODES = ("none", "temporal", "static_patch", "static_tokens", "flexivit", "flex_all")
@@ -50,9 +39,10 @@ FLEX_MODES = ("none", "temporal", "static_patch", "static_tokens", "flexivit", "
 # ---- configuration and shape sampling (§4.2) -----------------------------------------------------------------
 @dataclass
 class FlexConfig:
-    """How batches are flexed. Defaults are the paper's (§4.2 and §5.1) for a 16-frame, 224 px, p = 16 model."""
+    """How batches are flexed. Ranges are the paper's (§4.2 and §5.1) for a 16-frame, 224 px, p = 16 model;
+    flexible training is off until ``mode`` names one of the five modes."""
 
-    mode: str = "static_tokens"  # one of FLEX_MODES; "none" = every batch at (base_frames, base_size)
+    mode: str = "none"  # one of FLEX_MODES; "none" = every batch at (base_frames, base_size)
     frames: tuple[int, ...] = (8, 16, 32, 64)  # R^t
     sizes: tuple[int, ...] = (96, 128, 224, 384)  # R^s
     flexivit_size: int = 240  # FlexiViT keeps H = W = 240 ...
@@ -88,6 +78,19 @@ class FlexConfig:
     @property
     def native_grid(self) -> int:
         return self.base_size // self.base_patch
+
+    @property
+    def enabled(self) -> bool:
+        """Whether batches are flexed at all (``mode`` other than "none")."""
+        return self.mode != "none"
+
+    def trained_cells(self, frames: int, size: int) -> list[tuple[int, int]]:
+        """(T, H) cells a run with this config trains at (the grey cells of StretchySnake's Table 1);
+        ``frames`` x ``size`` is the run's own clip shape, the one cell without flexing."""
+        if not self.enabled:
+            return [(frames, size)]
+        sizes = {"temporal": [size], "flexivit": [self.flexivit_size]}.get(self.mode, list(self.sizes))
+        return [(int(t), int(s)) for t in self.frames for s in sizes]
 
 
 class FlexShape(NamedTuple):
@@ -170,13 +173,20 @@ def batch_size_for(shape: FlexShape, base_batch: int, cfg: FlexConfig) -> int:
 
 
 # ---- the model's native geometry ------------------------------------------------------------------------------
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+class _StoredGeometry(Protocol):
+    frames: int
+    size: int
+    patch: int
+    tubelet: int
 
 
-def resolve_flex_config(cfg: FlexConfig, model: nn.Module, base_frames: int | None = None) -> FlexConfig:
-    """``cfg`` with base_patch / base_size / tubelet (and base_frames, if given) taken from ``model``."""
-    geo = _unwrap(model).native_geometry()
+class _HasNativeGeometry(Protocol):
+    def native_geometry(self) -> _StoredGeometry: ...
+
+
+def resolve_flex_config(cfg: FlexConfig, model: _HasNativeGeometry, base_frames: int | None = None) -> FlexConfig:
+    """``cfg`` with base_patch / base_size / tubelet from ``model.native_geometry()`` (and base_frames, if given)."""
+    geo = model.native_geometry()
     return dataclasses.replace(cfg, base_patch=geo.patch, base_size=geo.size, tubelet=geo.tubelet,
                                base_frames=base_frames if base_frames is not None else cfg.base_frames)
 
@@ -236,6 +246,11 @@ class FlexBatchSampler(Sampler[list[FlexKey]]):
     def __len__(self) -> int:
         return max(0, len(self.plan()) - self.start)
 
+    def batches(self, epoch: int) -> list[list[FlexKey]]:
+        """Every batch of this rank in epoch ``epoch`` (the whole plan, whatever ``start`` says)."""
+        self.set_epoch(epoch, 0)
+        return [[FlexKey(i, shape) for i in indices] for shape, indices in self.plan()]
+
 
 # ---- datasets at a sampled (T, H) -------------------------------------------------------------------------------
 def data_config_at(cfg: Any, frames: int | None, size: int | None) -> Any:
@@ -251,28 +266,17 @@ def data_config_at(cfg: Any, frames: int | None, size: int | None) -> Any:
 
 
 def resized_video_dataset(dataset: Dataset, frames: int, size: int) -> Dataset:
-    """A copy of a :class:`pks4.data.datasets.VideoDataset` that loads ``frames`` x ``size`` clips
-    (configured by :func:`data_config_at`). Datasets with a ``with_shape(frames, size)`` method are asked directly.
-    """
-    if hasattr(dataset, "with_shape"):
-        return dataset.with_shape(frames, size)
-    cfg = getattr(dataset, "cfg", None)
-    if cfg is None or not hasattr(dataset, "_train_tf"):
+    """``dataset`` loading ``frames`` x ``size`` clips: a :class:`pks4.data.datasets.VideoDataset` (or any
+    dataset with a ``with_shape(frames, size)`` method) is asked for its copy at that shape."""
+    with_shape = getattr(dataset, "with_shape", None)
+    if with_shape is None:
         raise TypeError(f"cannot load {type(dataset).__name__} at other sizes: give it with_shape(frames, size)")
-    out = copy.copy(dataset)
-    out.cfg = data_config_at(cfg, frames, size)
-    out._train_tf = dataclasses.replace(dataset._train_tf, size=size)
-    if getattr(dataset, "views", None) is not None:
-        out.views = dataclasses.replace(dataset.views, frames=frames)
-    return out
+    return with_shape(frames, size)
 
 
 class FlexDataset(Dataset):
-    """Reads :class:`FlexKey` items (index at a shape) through per-shape copies of ``dataset``.
-
-    Items are the inner dataset's dicts plus ``"shape"``; an unreadable video (inner item None) becomes
-    ``{"skipped": path}`` so :func:`flex_collate` can drop and report it, also from worker processes.
-    """
+    """Reads :class:`FlexKey` items (index at a shape) through per-shape copies of ``dataset``; every
+    :class:`~pks4.data.items.Item` carries its shape, a :class:`~pks4.data.items.Skipped` passes as it is."""
 
     def __init__(self, dataset: Dataset, variant: Callable[[Dataset, int, int], Dataset] = resized_video_dataset
                  ) -> None:
@@ -293,63 +297,8 @@ class FlexDataset(Dataset):
             self._variants[key] = self.variant(self.dataset, *key)
         return self._variants[key]
 
-    def __getitem__(self, key: FlexKey | int) -> Any:
+    def __getitem__(self, key: FlexKey | int) -> Item | Skipped:
         if not isinstance(key, FlexKey):
             return self.dataset[key]
         item = self.at(key.shape.frames, key.shape.size)[key.index]
-        if item is None:  # the variants share the inner dataset's record of bad videos: its last entry says why
-            bad, samples = getattr(self.dataset, "bad", None), self.samples
-            path = str(samples[key.index].path) if samples is not None else f"item {key.index}"
-            why = str(bad[-1][1]) if bad and bad[-1][0] == path else ""
-            return {"skipped": why if path in why else f"{path}: {why or 'unreadable'}"}
-        return {**item, "shape": key.shape} if isinstance(item, dict) else {"item": item, "shape": key.shape}
-
-
-def flex_collate(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    """Stack one batch of equal-shape items; ``"shape"`` becomes one :class:`FlexShape`, ``"skipped"`` a list."""
-    skipped = [it["skipped"] for it in items if it is not None and "skipped" in it]
-    kept = [it for it in items if it is not None and "skipped" not in it]
-    if not kept:
-        return {"skipped": skipped} if skipped else None
-    shapes = {it["shape"] for it in kept}
-    if len(shapes) != 1:
-        raise ValueError(f"flex_collate: one batch mixes shapes {sorted(shapes)}; use FlexBatchSampler")
-    batch = default_collate([{k: v for k, v in it.items() if k != "shape"} for it in kept])
-    batch["shape"], batch["skipped"] = shapes.pop(), skipped
-    return batch
-
-
-# ---- until the training loop passes geometry=... itself: DELETE with this file ----------------------------------
-def set_patch_size(model: nn.Module, patch: int | None, grid: int | None = None, method: str = "bicubic"
-                   ) -> Callable[[], None]:
-    """Make ``model(x)`` embed with ``patch`` x ``patch`` patches until the returned ``undo()`` is called.
-
-    Kept only for the training loop that still calls :func:`flex_patch`; it hands the geometry to the model's
-    ``forward`` as its argument (so it also holds in checkpoint recomputation). To be deleted at merge.
-    """
-    model = _unwrap(model)
-    if patch is None and grid is None:
-        return lambda: None
-    if "forward" in vars(model):
-        raise RuntimeError("a patch size is already set on this model; undo it first")
-    geometry = TokenGeometry(patch=patch, grid=grid, kernel_resize=method)
-    model.forward = functools.partial(type(model).forward, model, geometry=geometry)
-
-    def undo() -> None:
-        del model.forward
-
-    return undo
-
-
-@contextlib.contextmanager
-def flex_patch(model: nn.Module, shape: FlexShape | int | None, method: str = "bicubic") -> Iterator[nn.Module]:
-    """``with flex_patch(model, batch["shape"]): logits = model(video)``; to be deleted at merge, when the loop
-    calls ``model(video, geometry=TokenGeometry(patch=shape.patch, grid=shape.grid, ...))`` itself."""
-    if isinstance(shape, FlexShape):
-        undo = set_patch_size(model, shape.patch, shape.grid, method)
-    else:
-        undo = set_patch_size(model, shape, None, method)
-    try:
-        yield model
-    finally:
-        undo()
+        return dataclasses.replace(item, shape=key.shape) if isinstance(item, Item) else item
