@@ -84,6 +84,16 @@ class _Spy:
         return Launcher()
 
 
+def test_strided_per_channel_vectors():
+    """D and delta_bias as every-other-element views."""
+    x = make_inputs(1, 3, 6, 4)
+    on = on_device(x)
+    for k in ("D", "delta_bias"):
+        on[k] = torch.stack([on[k].detach(), torch.full_like(on[k], 7.0)], -1).requires_grad_()[:, 0]
+    assert on["D"].stride() == (2,)
+    assert_matches(run(on, "triton"), run(x, "ref"))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_keep_a_float32_state(monkeypatch, dtype):
     x = make_inputs(1, 3, 9, 4, dtype=dtype)

@@ -96,6 +96,11 @@ def _input_strides(u, delta, A, B, C, z) -> tuple[int, ...]:
     return (*u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z))
 
 
+def _vector(t: Tensor | None) -> Tensor | None:
+    """Per-channel vectors (D, delta_bias) are read with unit stride: copy a strided one (d_inner values)."""
+    return None if t is None else t.contiguous()
+
+
 def _flags(D, z, delta_bias, delta_softplus) -> dict:
     return {"HAS_D": D is not None, "HAS_Z": z is not None, "HAS_BIAS": delta_bias is not None,
             "SOFTPLUS": bool(delta_softplus)}
@@ -105,6 +110,7 @@ def forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor
             delta_bias: Tensor | None, delta_softplus: bool, return_last_state: bool, keep_checkpoints: bool
             ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(out in u's dtype, last state float32 or None, checkpoints float32 or None)."""
+    D, delta_bias = _vector(D), _vector(delta_bias)
     batch, dim, L = u.shape
     N = A.shape[1]
     block_d, chunk, group, n_pad = _launch_config(dim, N, L)
@@ -129,6 +135,7 @@ def backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
              delta_bias: Tensor | None, delta_softplus: bool, ckpt: Tensor | None, dout: Tensor,
              dlast: Tensor | None) -> tuple[Tensor | None, ...]:
     """(du, ddelta, dA, dB, dC, dD, dz, d delta_bias), each in its input's dtype (None for absent inputs)."""
+    D, delta_bias = _vector(D), _vector(delta_bias)
     batch, dim, L = u.shape
     N = A.shape[1]
     block_d, chunk, group, n_pad = _launch_config(dim, N, L)
@@ -170,6 +177,7 @@ def backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
 def state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                  z: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool) -> Tensor:
     """One recurrent step; ``state`` is updated in place, y (batch, d_inner) is returned in x's dtype."""
+    D, dt_bias = _vector(D), _vector(dt_bias)
     batch, dim, N = state.shape
     n_pad = _pow2(N)
     block_d = max(1, min(_pow2(dim), 2048 // n_pad))

@@ -56,8 +56,28 @@ def _step_sizes(delta_ptr, sdl_b, sdl_d, sdl_l, b, offs_d, mask_d, ts, L, bias, 
     mask = mask_d[:, None] & (ts < L)[None, :]
     raw = tl.load(delta_ptr + b * sdl_b + offs_d[:, None] * sdl_d + ts[None, :] * sdl_l, mask=mask,
                   other=0.0).to(tl.float32) + bias[:, None]
-    dt = _softplus(raw) if SOFTPLUS else raw
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
     return raw, tl.where(mask, dt, 0.0)
+
+
+@triton.jit
+def _channel_block(blk, dim, N, A_ptr, sA_d, sA_n, bias_ptr, D_ptr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
+                   BLOCK_D: tl.constexpr, N_PAD: tl.constexpr):
+    """A program's channels and states (with masks for the padding), and its rows of A, delta_bias and D."""
+    offs_d = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, N_PAD)
+    mask_d, mask_n = offs_d < dim, offs_n < N
+    A = tl.load(A_ptr + offs_d[:, None] * sA_d + offs_n[None, :] * sA_n, mask=mask_d[:, None] & mask_n[None, :],
+                other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return offs_d, offs_n, mask_d, mask_n, A, bias, Dv
 
 
 @triton.jit
@@ -95,14 +115,9 @@ def selective_scan_fwd_kernel(
 ):
     """out (batch, dim, L), last state (batch, dim, N) and group-start states ckpt (batch, groups - 1, dim, N)."""
     b = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, N_PAD)
-    mask_d, mask_n = offs_d < dim, offs_n < N
+    offs_d, offs_n, mask_d, mask_n, A, bias, Dv = _channel_block(
+        tl.program_id(1), dim, N, A_ptr, sA_d, sA_n, bias_ptr, D_ptr, HAS_BIAS, HAS_D, BLOCK_D, N_PAD)
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * sA_d + offs_n[None, :] * sA_n, mask=mask_dn, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else \
-        tl.zeros((BLOCK_D,), tl.float32)
-    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else tl.zeros((BLOCK_D,), tl.float32)
     state_offs = offs_d[:, None] * N + offs_n[None, :]                # (dim, N) slab of ckpt / last
     h = tl.zeros((BLOCK_D, N_PAD), tl.float32)
     for c in range(0, ((L + CHUNK - 1) // CHUNK)):
@@ -170,20 +185,16 @@ def selective_scan_bwd_kernel(
     (batch, channel blocks, N, L), dD and dbias (batch, dim), reduced by the caller."""
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
-    offs_d = blk * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, N_PAD)
-    mask_d, mask_n = offs_d < dim, offs_n < N
+    offs_d, offs_n, mask_d, mask_n, A, bias, Dv = _channel_block(
+        blk, dim, N, A_ptr, sA_d, sA_n, bias_ptr, D_ptr, HAS_BIAS, HAS_D, BLOCK_D, N_PAD)
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * sA_d + offs_n[None, :] * sA_n, mask=mask_dn, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else \
-        tl.zeros((BLOCK_D,), tl.float32)
-    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else tl.zeros((BLOCK_D,), tl.float32)
     state_offs = offs_d[:, None] * N + offs_n[None, :]
     scratch = scratch_ptr + (b * tl.num_programs(1) + blk) * slots * BLOCK_D * N_PAD \
         + tl.arange(0, BLOCK_D)[:, None] * N_PAD + offs_n[None, :]    # this program's own slots
     part = (b * tl.num_programs(1) + blk) * N * L + offs_n[:, None] * L  # its rows of the dB / dC partials
-    dh = tl.load(dlast_ptr + b * dim * N + state_offs, mask=mask_dn, other=0.0).to(tl.float32) if HAS_DLAST \
-        else tl.zeros((BLOCK_D, N_PAD), tl.float32)
+    dh = tl.zeros((BLOCK_D, N_PAD), tl.float32)
+    if HAS_DLAST:
+        dh = tl.load(dlast_ptr + b * dim * N + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
     dA = tl.zeros((BLOCK_D, N_PAD), tl.float32)
     dD = tl.zeros((BLOCK_D,), tl.float32)
     dbias = tl.zeros((BLOCK_D,), tl.float32)
@@ -246,7 +257,9 @@ def selective_scan_bwd_kernel(
             du = dt * tl.sum(dhs * Bc[None, :, :], axis=1) + dy * Dv[:, None]
             tl.store(dB_ptr + part + ts[None, :], tl.sum(dhs * (dt * u)[:, None, :], axis=0),
                      mask=mask_n[:, None] & mask_t[None, :])
-            ddelta = ddt * _sigmoid(raw) if SOFTPLUS else ddt
+            ddelta = ddt
+            if SOFTPLUS:
+                ddelta = ddt * _sigmoid(raw)
             ddelta = tl.where(mask_dt, ddelta, 0.0)
             dbias += tl.sum(ddelta, axis=1)
             tl.store(du_ptr + grad_offs, du, mask=mask_dt)
