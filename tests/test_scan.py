@@ -296,15 +296,26 @@ def test_inputs_on_two_devices_are_refused():
 
 
 # ---- the custom op ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["loop", "native"])
+def opcheck_args(backend):
+    x = make_inputs(1, 3, 5, 4)
+    return (*(x[k] for k in NAMES), True, True, True, backend)
+
+
+@pytest.mark.parametrize("backend", ["loop", "native", "triton"])
 def test_custom_op_passes_opcheck(backend):
     """Schema, shape-only implementation and autograd registration agree with the real kernels."""
     if backend not in available_backends():
         pytest.skip(f"backend {backend} unavailable here")
-    x = make_inputs(1, 3, 5, 4)
-    args = (*(x[k] for k in NAMES), True, True, True, backend)
-    torch.library.opcheck(torch.ops.pks4.selective_scan.default, args,
+    torch.library.opcheck(torch.ops.pks4.selective_scan.default, opcheck_args(backend),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.slow
+def test_custom_op_traces_under_aot_autograd():
+    """opcheck's full set, AOT-autograd tracing (what torch.compile does with the op) included; about 30 s, most
+    of it the first use of the tracing machinery."""
+    for backend in [b for b in ("native", "triton", "loop") if b in available_backends()]:
+        torch.library.opcheck(torch.ops.pks4.selective_scan.default, opcheck_args(backend))
 
 
 def test_meta_tensors_give_shapes_without_running_a_kernel():

@@ -122,6 +122,26 @@ def test_gradient_through_the_last_state_only():
         assert_rel(got, ref, 1e-5, f"d{name}")
 
 
+def test_huge_steps_underflow_like_reference():
+    """exp(delta A) underflows to 0 on half the channels: the backward's a_t h_{t-1} = h_t - b_t cancels there."""
+    x = make_inputs(1, 4, 9, 4)
+    with torch.no_grad():
+        x["delta"][:, ::2] += 150.0
+    assert_matches(run(on_device(x), "triton", last=True), run(x, "ref", last=True))
+
+
+def test_long_memory_across_shipped_checkpoints_against_float64(monkeypatch):
+    """300 small steps (decay close to 1, so errors would accumulate) over two 256-step checkpoint intervals of
+    the shipped configuration, float32 kernel against the float64 reference."""
+    configure(monkeypatch, *SHIPPED)
+    monkeypatch.setattr(scan_triton, "_TILE_ELEMS", 16 * 4 * 32)  # one channel per program: a small tile here
+    x64 = make_inputs(1, 2, 300, 4, dtype=torch.float64)
+    with torch.no_grad():
+        x64["delta"].sub_(4.0)  # softplus(delta - 4) ~ 0.02
+    x32 = {k: v.detach().float().to(DEVICE).requires_grad_() for k, v in x64.items()}
+    assert_matches(run(x32, "triton", last=True), run(x64, "ref", last=True))
+
+
 def test_bitwise_deterministic():
     x = on_device(make_inputs(2, 5, 10, 4))
     (a,), ga = run(x, "triton")

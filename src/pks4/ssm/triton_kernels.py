@@ -35,7 +35,8 @@ def _softplus(x):
     log1p(e) = log(1 + e) * e / ((1 + e) - 1) is exact to rounding for small e."""
     e = tl.exp(-tl.abs(x))
     one_plus = 1.0 + e
-    log1p = tl.where(one_plus == 1.0, e, tl.log(one_plus) * (e / (one_plus - 1.0)))
+    rounded = one_plus - 1.0
+    log1p = tl.where(rounded == 0.0, e, tl.log(one_plus) * (e / tl.where(rounded == 0.0, 1.0, rounded)))
     return tl.maximum(x, 0.0) + log1p
 
 
