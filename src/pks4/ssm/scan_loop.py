@@ -81,28 +81,28 @@ def _segment_states(h: Tensor, A: Tensor, u: Tensor, dt: Tensor, B: Tensor) -> T
     return torch.stack(states, dim=-1)
 
 
-def _segment_adjoint(h0: Tensor, H: Tensor, A: Tensor, u: Tensor, dt: Tensor, B: Tensor, dyC: Tensor,
+def _segment_adjoint(h0: Tensor, H: Tensor, A: Tensor, dt: Tensor, dtu: Tensor, B: Tensor, C: Tensor, dy: Tensor,
                      dh: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Walk a segment backwards: dh_t = exp(dt_{t+1} A) dh_{t+1} + C_t dy_t (eq. 2a transposed).
 
-    ``H``: the segment's states (batch, d_inner, d_state, K); ``dyC``: C_t dy_t, same shape; ``dh``: dL/dh at
-    the first step after the segment (None = 0). Returns (du, ddt, dB from the recurrence, dA summed over the
-    batch, dL/dh0)."""
-    du, ddt, dB = [], [], []
-    dA = torch.zeros_like(A)
+    ``H``: the segment's states (batch, d_inner, d_state, K); ``dh``: dL/dh at the first step after the segment
+    (None = 0). Returns, per step, sum_n dh B (batch, d_inner, K), the part of dL/d(dt) through exp(dt A), dB from
+    the recurrence, then dA (d_inner, d_state) and dL/dh0. About ten operations per step."""
+    batch, dim, N, K = H.shape
+    dh_B, ddt_decay, dB = (torch.empty(batch, n, K, dtype=H.dtype, device=H.device) for n in (dim, dim, N))
+    dA_steps = torch.zeros_like(H[..., 0])                                    # summed over the batch at the end
     prev = [h0, *H.unbind(-1)[:-1]]
-    for t in reversed(range(H.shape[-1])):
-        dh = dyC[..., t] if dh is None else dh + dyC[..., t]                    # dL/dh_t
-        dt_t, u_t, B_t = dt[..., t], u[..., t], B[..., t]
-        h_decayed = torch.exp(dt_t.unsqueeze(-1) * A) * prev[t]               # exp(dt_t A) h_{t-1}
-        dA = dA + (dh * h_decayed * dt_t.unsqueeze(-1)).sum(0)
-        dh_B = torch.bmm(dh, B_t.unsqueeze(-1)).squeeze(-1)                    # sum_n dh B_t
-        ddt.append((dh * h_decayed * A).sum(-1) + dh_B * u_t)
-        du.append(dh_B * dt_t)
-        dB.append(torch.bmm(dh.transpose(1, 2), (dt_t * u_t).unsqueeze(-1)).squeeze(-1))
-        dh = dh * torch.exp(dt_t.unsqueeze(-1) * A)                            # a_t dh_t, for step t - 1
-    flip = lambda xs: torch.stack(xs[::-1], dim=-1)  # noqa: E731
-    return flip(du), flip(ddt), flip(dB), dA, dh
+    for t in reversed(range(K)):
+        dy_t, C_t = dy[..., t].unsqueeze(-1), C[..., t].unsqueeze(1)
+        dh = dy_t * C_t if dh is None else torch.addcmul(dh, dy_t, C_t)        # dL/dh_t
+        decay = torch.exp(dt[..., t].unsqueeze(-1) * A)
+        g = dh * (decay * prev[t])                                             # dh_t * exp(dt_t A) h_{t-1}
+        dA_steps.addcmul_(g, dt[..., t].unsqueeze(-1))
+        ddt_decay[..., t] = (g * A).sum(-1)
+        dh_B[..., t] = torch.bmm(dh, B[..., t].unsqueeze(-1)).squeeze(-1)
+        dB[..., t] = torch.bmm(dh.transpose(1, 2), dtu[..., t].unsqueeze(-1)).squeeze(-1)
+        dh = dh * decay                                                        # a_t dh_t, for step t - 1
+    return dh_B, ddt_decay, dB, dA_steps.sum(0), dh
 
 
 def backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
@@ -122,16 +122,18 @@ def backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     dy = doutf if gate is None else doutf * gate
     du, ddt, dB, dC, y = (torch.empty_like(x) for x in (uf, uf, Bf, Cf, uf))
     dA, dh = torch.zeros_like(Af), None if dlast is None else dlast.to(f)
+    dtu = dt * uf
     for i in reversed(range(len(starts))):
         sl = slice(starts[i], starts[i] + _SEGMENT)
         h0 = ckpt[i - 1].to(f) if i else u.new_zeros(batch, dim, A.shape[1], dtype=f)
         H = _segment_states(h0, Af, uf[..., sl], dt[..., sl], Bf[..., sl])
         y[..., sl] = torch.einsum("bdnk,bnk->bdk", H, Cf[..., sl])
         dC[..., sl] = torch.einsum("bdnk,bdk->bnk", H, dy[..., sl])
-        dyC = Cf[..., sl].unsqueeze(1) * dy[..., sl].unsqueeze(2)
-        du[..., sl], ddt[..., sl], dB[..., sl], dA_seg, dh = _segment_adjoint(h0, H, Af, uf[..., sl], dt[..., sl],
-                                                                              Bf[..., sl], dyC, dh)
+        du[..., sl], ddt[..., sl], dB[..., sl], dA_seg, dh = _segment_adjoint(
+            h0, H, Af, dt[..., sl], dtu[..., sl], Bf[..., sl], Cf[..., sl], dy[..., sl], dh)
         dA += dA_seg
+    ddt = torch.addcmul(ddt, du, uf)                                           # + sum_n dh B u (through b_t)
+    du = du * dt                                                               # sum_n dh dt B
     if D is not None:
         du = torch.addcmul(du, dy, D.to(f)[:, None])
         y = torch.addcmul(y, uf, D.to(f)[:, None])
