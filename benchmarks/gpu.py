@@ -321,7 +321,8 @@ def run_all(plan: Plan, device: torch.device, budget: Budget) -> dict:
         regime, case, b, device, plan))
              for regime, cases in (("PKS4", plan.pks4_cases), ("VideoMamba", plan.videomamba_cases))
              for case in cases for b in backends]
-    jobs += [("models", f"model {spec[0]}", lambda spec=spec: measure_model(spec, device, plan)) for spec in plan.models]
+    jobs += [("models", f"model {spec[0]}", lambda spec=spec: measure_model(spec, device, plan))
+             for spec in plan.models]
     jobs += [("configs", f"config {cfg} {case}", lambda case=case, cfg=cfg: measure_config(case, cfg, device, plan))
              for case in plan.sweep_cases for cfg in plan.sweep_configs]
     for section, what, job in jobs:
@@ -387,8 +388,9 @@ def write_report(res: dict, out: Path, command: str) -> None:
                      ["case", "backend", "max_rel_error", "tolerance", "passed"]),
              "", "## Selective scan (bf16 inputs, float32 state), best of repeats", "", *_speedups(res["scan"]),
              "", "## Training step and inference (bf16 autocast)", "",
-             *_table(res["models"], ["model", "batch", "frames", "size", "params_m", "scan_backend", "grad_checkpointing",
-                                     "train_step_ms", "train_peak_mib", "train_clips_per_s", "infer_clips_per_s"]),
+             *_table(res["models"], ["model", "batch", "frames", "size", "params_m", "scan_backend",
+                                     "grad_checkpointing", "train_step_ms", "train_peak_mib", "train_clips_per_s",
+                                     "infer_clips_per_s"]),
              "", "## Triton launch configurations (fwd+bwd)", "",
              *_table(res["configs"], ["batch", "d_inner", "L", "tile_elems", "max_chunk", "num_warps", "fwd_ms",
                                       "fwd_bwd_ms"]), ""]

@@ -8,9 +8,10 @@ the recipe's batch. Batch 1 is not used: there some reshapes are views that need
 it under-counts (VideoMamba-Ti, 2 blocks: +45.9 MiB from batch 1 to 2, then +41.3 MiB per clip exactly from
 2 to 3 and 3 to 4). The CPU scan keeps the same bytes as the GPU's Triton path: its inputs and one float32
 state per 256 steps (mamba_ssm's kernel, where installed, also keeps its output: 2 bytes more per token, channel
-and direction, +6.9 GiB for VideoMamba-S at 16 frames and batch 32). Weight state: 16 bytes per trained parameter (float32 weight, gradient, two AdamW moments),
-4 per frozen one (the teacher). With activation checkpointing the saved bytes are measured the same way, and
-one block's activations (the non-checkpointed count over the depth) are added for the block being recomputed.
+and direction, +6.9 GiB for VideoMamba-S at 16 frames and batch 32). Weight state: 16 bytes per trained
+parameter (float32 weight, gradient, two AdamW moments), 4 per frozen one (the teacher). With activation
+checkpointing the saved bytes are measured the same way, and one block's activations (the non-checkpointed count
+over the depth) are added for the block being recomputed.
 
 The estimate leaves out short-lived workspace (the scan's partial sums, matmul workspaces, allocator slack); a
 recipe counts as fitting one 80 GB GPU when the estimate is at most ``LIMIT_GIB``, leaving the rest for that.

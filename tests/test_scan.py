@@ -277,7 +277,7 @@ def test_a_backend_asked_for_by_name_says_what_it_needs(monkeypatch, fresh_annou
     monkeypatch.setattr(scan_triton, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 in the environment before starting Python"):
         selective_scan(**x, backend="triton")
-    with pytest.raises(ValueError, match=r"backend 'triton' takes float32, bfloat16 or float16 inputs, got torch.float64"):
+    with pytest.raises(ValueError, match=r"'triton' takes float32, bfloat16 or float16 inputs, got torch.float64"):
         scan.resolve_backend("triton", "cuda", torch.float64)
     with pytest.raises(RuntimeError, match="backend 'mamba_ssm' needs the mamba_ssm package"):
         scan.resolve_backend("mamba_ssm", "cuda")

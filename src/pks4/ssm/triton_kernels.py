@@ -121,11 +121,11 @@ def selective_scan_fwd_kernel(
     mask_dn = mask_d[:, None] & mask_n[None, :]
     state_offs = offs_d[:, None] * N + offs_n[None, :]                # (dim, N) slab of ckpt / last
     h = tl.zeros((BLOCK_D, N_PAD), tl.float32)
-    for c in range(0, ((L + CHUNK - 1) // CHUNK)):
+    kept = (L + CHUNK * GROUP - 1) // (CHUNK * GROUP) - 1                # group-start states after the first
+    for c in range(0, (L + CHUNK - 1) // CHUNK):
         if HAS_CKPT:
             if (c % GROUP == 0) & (c > 0):
-                tl.store(ckpt_ptr + (b * (((L + CHUNK * GROUP - 1) // (CHUNK * GROUP)) - 1) + c // GROUP - 1) * dim * N + state_offs,
-                         h, mask=mask_dn)
+                tl.store(ckpt_ptr + (b * kept + c // GROUP - 1) * dim * N + state_offs, h, mask=mask_dn)
         ts = c * CHUNK + tl.arange(0, CHUNK)
         hs, u, _, _, _, _ = _chunk_states(h, ts, b, offs_d, mask_d, offs_n, mask_n, A, bias, L,
                                           u_ptr, su_b, su_d, su_l, delta_ptr, sdl_b, sdl_d, sdl_l,
@@ -172,6 +172,63 @@ def _adjoint(dh_next, ts, b, offs_d, mask_d, offs_n, mask_n, A, bias, L,
 
 
 @triton.jit
+def _replay_group(h, c0, c1, scratch, b, offs_d, mask_d, offs_n, mask_n, A, bias, L,
+                  u_ptr, su_b, su_d, su_l, delta_ptr, sdl_b, sdl_d, sdl_l, B_ptr, sB_b, sB_n, sB_l,
+                  SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, SLOT: tl.constexpr):
+    """Run chunks c0 .. c1 - 2 forward from the group's start state h; the start state of chunk c0 + 1 + j goes
+    to scratch slot j (the program's own)."""
+    for c in range(c0, c1 - 1):
+        ts = c * CHUNK + tl.arange(0, CHUNK)
+        hs, _, _, _, _, _ = _chunk_states(h, ts, b, offs_d, mask_d, offs_n, mask_n, A, bias, L,
+                                          u_ptr, su_b, su_d, su_l, delta_ptr, sdl_b, sdl_d, sdl_l,
+                                          B_ptr, sB_b, sB_n, sB_l, SOFTPLUS, CHUNK)
+        h = _column(hs, CHUNK - 1, CHUNK)
+        tl.store(scratch + (c - c0) * SLOT, h)
+
+
+@triton.jit
+def _chunk_backward(h0, dh, ts, b, dim, offs_d, mask_d, offs_n, mask_n, A, bias, Dv, L, part,
+                    u_ptr, su_b, su_d, su_l, delta_ptr, sdl_b, sdl_d, sdl_l, B_ptr, sB_b, sB_n, sB_l,
+                    C_ptr, sC_b, sC_n, sC_l, z_ptr, sz_b, sz_d, sz_l, dout_ptr, so_b, so_d, so_l,
+                    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr,
+                    HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr):
+    """One chunk of the backward pass from its start state h0 and dh = dL/dh after it: writes du, ddelta, dz and
+    the chunk's dB, dC partials; returns (dL/dh before the chunk, and its dA, dD, d delta_bias sums)."""
+    hs, u, raw, dt, Bc, inject = _chunk_states(h0, ts, b, offs_d, mask_d, offs_n, mask_n, A, bias, L,
+                                               u_ptr, su_b, su_d, su_l, delta_ptr, sdl_b, sdl_d, sdl_l,
+                                               B_ptr, sB_b, sB_n, sB_l, SOFTPLUS, CHUNK)
+    mask_t = ts < L
+    mask_dt, mask_nt = mask_d[:, None] & mask_t[None, :], mask_n[:, None] & mask_t[None, :]
+    Cc = tl.load(C_ptr + b * sC_b + offs_n[:, None] * sC_n + ts[None, :] * sC_l, mask=mask_nt,
+                 other=0.0).to(tl.float32)
+    dy = tl.load(dout_ptr + b * so_b + offs_d[:, None] * so_d + ts[None, :] * so_l, mask=mask_dt,
+                 other=0.0).to(tl.float32)
+    grad_offs = (b * dim + offs_d[:, None]) * L + ts[None, :]
+    if HAS_Z:  # out = y silu(z): dz = dout y silu'(z), dy = dout silu(z)
+        zc = tl.load(z_ptr + b * sz_b + offs_d[:, None] * sz_d + ts[None, :] * sz_l, mask=mask_dt,
+                     other=0.0).to(tl.float32)
+        sz = _sigmoid(zc)
+        y = tl.sum(hs * Cc[None, :, :], axis=1) + Dv[:, None] * u
+        tl.store(dz_ptr + grad_offs, dy * y * sz * (1.0 + zc * (1.0 - sz)), mask=mask_dt)
+        dy = dy * zc * sz
+    tl.store(dC_ptr + part + ts[None, :], tl.sum(hs * dy[:, None, :], axis=0), mask=mask_nt)
+    dhs = _adjoint(dh, ts, b, offs_d, mask_d, offs_n, mask_n, A, bias, L,
+                   delta_ptr, sdl_b, sdl_d, sdl_l, C_ptr, sC_b, sC_n, sC_l, z_ptr, sz_b, sz_d, sz_l,
+                   dout_ptr, so_b, so_d, so_l, HAS_Z, SOFTPLUS, CHUNK)
+    h_decayed = hs - inject                                            # a_t h_{t-1}
+    ddt = tl.sum(dhs * (h_decayed * A[:, :, None] + u[:, None, :] * Bc[None, :, :]), axis=1)
+    tl.store(du_ptr + grad_offs, dt * tl.sum(dhs * Bc[None, :, :], axis=1) + dy * Dv[:, None], mask=mask_dt)
+    tl.store(dB_ptr + part + ts[None, :], tl.sum(dhs * (dt * u)[:, None, :], axis=0), mask=mask_nt)
+    ddelta = ddt
+    if SOFTPLUS:
+        ddelta = ddt * _sigmoid(raw)
+    ddelta = tl.where(mask_dt, ddelta, 0.0)
+    tl.store(ddelta_ptr + grad_offs, ddelta, mask=mask_dt)
+    return (_column(dhs, 0, CHUNK), tl.sum(dhs * h_decayed * dt[:, None, :], axis=2), tl.sum(dy * u, axis=1),
+            tl.sum(ddelta, axis=1))
+
+
+@triton.jit
 def selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dlast_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
@@ -199,9 +256,9 @@ def selective_scan_bwd_kernel(
     dA = tl.zeros((BLOCK_D, N_PAD), tl.float32)
     dD = tl.zeros((BLOCK_D,), tl.float32)
     dbias = tl.zeros((BLOCK_D,), tl.float32)
-    n_chunks = ((L + CHUNK - 1) // CHUNK)
-    n_groups = ((n_chunks + GROUP - 1) // GROUP)
-    for gg in range(0, n_groups):
+    n_chunks = (L + CHUNK - 1) // CHUNK
+    n_groups = (n_chunks + GROUP - 1) // GROUP
+    for gg in range(0, n_groups):                                      # checkpoint groups, last first
         g = n_groups - 1 - gg
         c0 = g * GROUP
         c1 = tl.minimum(c0 + GROUP, n_chunks)
@@ -210,61 +267,24 @@ def selective_scan_bwd_kernel(
                               other=0.0)
         else:
             h_group = tl.zeros((BLOCK_D, N_PAD), tl.float32)
-        # replay the group: the start state of chunk c0 + 1 + j goes to slot j
-        h = h_group
-        for c in range(c0, c1 - 1):
-            ts = c * CHUNK + tl.arange(0, CHUNK)
-            hs, _, _, _, _, _ = _chunk_states(h, ts, b, offs_d, mask_d, offs_n, mask_n, A, bias, L,
-                                              u_ptr, su_b, su_d, su_l, delta_ptr, sdl_b, sdl_d, sdl_l,
-                                              B_ptr, sB_b, sB_n, sB_l, SOFTPLUS, CHUNK)
-            h = _column(hs, CHUNK - 1, CHUNK)
-            tl.store(scratch + (c - c0) * BLOCK_D * N_PAD, h)
+        _replay_group(h_group, c0, c1, scratch, b, offs_d, mask_d, offs_n, mask_n, A, bias, L,
+                      u_ptr, su_b, su_d, su_l, delta_ptr, sdl_b, sdl_d, sdl_l, B_ptr, sB_b, sB_n, sB_l,
+                      SOFTPLUS, CHUNK, BLOCK_D * N_PAD)
         tl.debug_barrier()
-        for cc in range(0, c1 - c0):
+        for cc in range(0, c1 - c0):                                   # the group's chunks, last first
             c = c1 - 1 - cc
             if c > c0:
                 h0 = tl.load(scratch + (c - c0 - 1) * BLOCK_D * N_PAD)
             else:
                 h0 = h_group
-            ts = c * CHUNK + tl.arange(0, CHUNK)
-            mask_t = ts < L
-            mask_dt = mask_d[:, None] & mask_t[None, :]
-            hs, u, raw, dt, Bc, inject = _chunk_states(h0, ts, b, offs_d, mask_d, offs_n, mask_n, A, bias, L,
-                                                       u_ptr, su_b, su_d, su_l, delta_ptr, sdl_b, sdl_d, sdl_l,
-                                                       B_ptr, sB_b, sB_n, sB_l, SOFTPLUS, CHUNK)
-            Cc = tl.load(C_ptr + b * sC_b + offs_n[:, None] * sC_n + ts[None, :] * sC_l,
-                         mask=mask_n[:, None] & mask_t[None, :], other=0.0).to(tl.float32)
-            dout = tl.load(dout_ptr + b * so_b + offs_d[:, None] * so_d + ts[None, :] * so_l, mask=mask_dt,
-                           other=0.0).to(tl.float32)
-            grad_offs = (b * dim + offs_d[:, None]) * L + ts[None, :]
-            dy = dout
-            if HAS_Z:
-                zc = tl.load(z_ptr + b * sz_b + offs_d[:, None] * sz_d + ts[None, :] * sz_l, mask=mask_dt,
-                             other=0.0).to(tl.float32)
-                sz = _sigmoid(zc)
-                y = tl.sum(hs * Cc[None, :, :], axis=1) + Dv[:, None] * u
-                tl.store(dz_ptr + grad_offs, dout * y * sz * (1.0 + zc * (1.0 - sz)), mask=mask_dt)
-                dy = dout * zc * sz
-            dD += tl.sum(dy * u, axis=1)
-            tl.store(dC_ptr + part + ts[None, :], tl.sum(hs * dy[:, None, :], axis=0),
-                     mask=mask_n[:, None] & mask_t[None, :])
-            dhs = _adjoint(dh, ts, b, offs_d, mask_d, offs_n, mask_n, A, bias, L,
-                           delta_ptr, sdl_b, sdl_d, sdl_l, C_ptr, sC_b, sC_n, sC_l, z_ptr, sz_b, sz_d, sz_l,
-                           dout_ptr, so_b, so_d, so_l, HAS_Z, SOFTPLUS, CHUNK)
-            dh = _column(dhs, 0, CHUNK)
-            h_decayed = hs - inject                                    # a_t h_{t-1}
-            dA += tl.sum(dhs * h_decayed * dt[:, None, :], axis=2)
-            ddt = tl.sum(dhs * (h_decayed * A[:, :, None] + u[:, None, :] * Bc[None, :, :]), axis=1)
-            du = dt * tl.sum(dhs * Bc[None, :, :], axis=1) + dy * Dv[:, None]
-            tl.store(dB_ptr + part + ts[None, :], tl.sum(dhs * (dt * u)[:, None, :], axis=0),
-                     mask=mask_n[:, None] & mask_t[None, :])
-            ddelta = ddt
-            if SOFTPLUS:
-                ddelta = ddt * _sigmoid(raw)
-            ddelta = tl.where(mask_dt, ddelta, 0.0)
-            dbias += tl.sum(ddelta, axis=1)
-            tl.store(du_ptr + grad_offs, du, mask=mask_dt)
-            tl.store(ddelta_ptr + grad_offs, ddelta, mask=mask_dt)
+            dh, dA_c, dD_c, dbias_c = _chunk_backward(
+                h0, dh, c * CHUNK + tl.arange(0, CHUNK), b, dim, offs_d, mask_d, offs_n, mask_n, A, bias, Dv, L,
+                part, u_ptr, su_b, su_d, su_l, delta_ptr, sdl_b, sdl_d, sdl_l, B_ptr, sB_b, sB_n, sB_l,
+                C_ptr, sC_b, sC_n, sC_l, z_ptr, sz_b, sz_d, sz_l, dout_ptr, so_b, so_d, so_l,
+                du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, HAS_Z, SOFTPLUS, CHUNK)
+            dA += dA_c
+            dD += dD_c
+            dbias += dbias_c
         tl.debug_barrier()  # the next group's replay reuses the scratch slots
     tl.store(dA_ptr + b * dim * N + state_offs, dA, mask=mask_dn)
     if HAS_D:
