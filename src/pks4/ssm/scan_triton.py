@@ -6,7 +6,7 @@ associative scan; it is how the kernels are tested without a GPU).
 
 What the forward keeps for the backward is the inputs themselves (read in place, whatever their strides) and
 the float32 state at the start of every ``_CKPT_STEPS`` steps: batch x d_inner x d_state x 4 bytes per 256
-steps, 1/16 of a byte per (token, channel) at d_state 16.
+steps, a quarter of a byte per (token, channel) at d_state 16.
 """
 from __future__ import annotations
 
@@ -19,10 +19,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["forward", "backward", "state_update", "checkpoint_shape", "is_installed", "interpreting",
-           "SUPPORTED_DTYPES"]
+__all__ = ["forward", "backward", "state_update", "checkpoint_shape", "is_installed", "interpreting"]
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Register budget of a program: elements of one (channels, d_state, chunk) tile. 4096 float32 over 8 warps is
 # 16 registers per thread per live tile; benchmarks/gpu.py sweeps this and the warp count on a real GPU.
 _TILE_ELEMS = 4096
