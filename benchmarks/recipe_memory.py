@@ -6,18 +6,19 @@ masked-alignment loss with the frozen CLIP teacher), counted on the CPU at batch
 process: per clip = the difference (both also hold the autocast copies of the weights, a constant), scaled to
 the recipe's batch. Batch 1 is not used: there some reshapes are views that need copies at any larger batch, so
 it under-counts (VideoMamba-Ti, 2 blocks: +45.9 MiB from batch 1 to 2, then +41.3 MiB per clip exactly from
-2 to 3 and 3 to 4). The CPU scan keeps the same bytes as the GPU's Triton path: its inputs and one float32
-state per 256 steps (mamba_ssm's kernel, where installed, also keeps its output: 2 bytes more per token, channel
-and direction, +6.9 GiB for VideoMamba-S at 16 frames and batch 32). Weight state: 16 bytes per trained
-parameter (float32 weight, gradient, two AdamW moments), 4 per frozen one (the teacher). With activation
-checkpointing the saved bytes are measured the same way, and one block's activations (the non-checkpointed count
-over the depth) are added for the block being recomputed.
+2 to 3 and 3 to 4; ``--check-linearity``). The CPU scan keeps the same bytes as the GPU's Triton path: its
+inputs and one float32 state per 256 steps (mamba_ssm's kernel, where installed, also keeps its output: 2 bytes
+more per token, channel and direction, +6.9 GiB for VideoMamba-S at 16 frames and batch 32). Weight state: 16
+bytes per trained parameter (float32 weight, gradient, two AdamW moments), 4 per frozen one (the teacher). With
+activation checkpointing the saved bytes are measured the same way, and one block's activations (the
+non-checkpointed count over the depth) are added for the block being recomputed.
 
 The estimate leaves out short-lived workspace (the scan's partial sums, matmul workspaces, allocator slack); a
 recipe counts as fitting one 80 GB GPU when the estimate is at most ``LIMIT_GIB``, leaving the rest for that.
 
     .venv/bin/python benchmarks/recipe_memory.py              # about an hour on 2 busy cores
     .venv/bin/python benchmarks/recipe_memory.py --from-rows benchmarks/recipe_memory.jsonl
+    .venv/bin/python benchmarks/recipe_memory.py --check-linearity
 """
 from __future__ import annotations
 
@@ -179,6 +180,24 @@ def measure_all(settings: list[dict], out_rows: Path) -> list[dict]:
     return rows
 
 
+def check_linearity(batches: tuple[int, ...] = (1, 2, 3, 4)) -> list[float]:
+    """Saved MiB of VideoMamba-Ti with 2 blocks (8 x 224, bf16 autocast) at each batch: why batch 1 is not used."""
+    import torch
+
+    from pks4.engine.profile import saved_activation_bytes
+    from pks4.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model("videomamba_tiny", num_frames=8, depth=2)
+    saved = []
+    for batch in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            saved.append(saved_activation_bytes(model, torch.randn(batch, 8, 3, 224, 224)) / 2**20)
+    steps = ", ".join(f"{b0} -> {b1}: +{s1 - s0:.1f}" for b0, b1, s0, s1 in zip(batches, batches[1:], saved, saved[1:]))
+    print(f"VideoMamba-Ti, 2 blocks, saved MiB at batch {batches}: {[round(x, 1) for x in saved]} ({steps})")
+    return saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", help="(internal) one measurement: the recipe setting as JSON")
@@ -186,7 +205,11 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--from-rows", type=Path, help="re-render from the JSON lines of an earlier run")
     ap.add_argument("--only", nargs="*", help="recipe file names to measure (default: all)")
+    ap.add_argument("--check-linearity", action="store_true", help="saved bytes at batch 1-4 of a 2-block model")
     args = ap.parse_args()
+    if args.check_linearity:
+        check_linearity()
+        return
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker), args.batch, args.checkpointing)))
         return
