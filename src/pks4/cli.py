@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pks4.engine.profile import add_profile_parser  # noqa: PLC0415 (keeps `pks4 --help` import-light)
 
     add_profile_parser(sub)
+    from pks4.engine.stream import add_stream_parser  # noqa: PLC0415
+
+    add_stream_parser(sub)
     return p
 
 
