@@ -7,6 +7,7 @@
               [--frames T] [--size S] [--patch-policy native|static_tokens|P]
     pks4 eval --checkpoint CKPT_OR_RUNDIR --grid frames=8,16,32,64 size=96,128,224 [--out DIR]
     pks4 predict VIDEO... --checkpoint CKPT_OR_RUNDIR [--topk 5] [--json] [--frames T] [--size S]
+    pks4 stream FILE_OR_CAMERA --checkpoint CAUSAL_RUN [--frame-step N] [--every N] [--topk 5] [--json]
     pks4 retrieval | linear-probe | embed --checkpoint CKPT_OR_RUNDIR [--frames T] [--size S] ...
     pks4 data check LIST_OR_DIR | pks4 data synth OUT_DIR [--seed N] [--train-per-class N] [--val-per-class N]
     pks4 models | pks4 demo [--out DIR]
