@@ -109,6 +109,8 @@ def test_module_in_chunks_equals_the_whole_clip():
         whole = module(tokens, (4, 4))
         chunks = [module(tokens[:, s:s + 3], (4, 4), cache) for s in range(0, 8, 3)]  # 3 + 3 + 2 frames
     torch.testing.assert_close(torch.cat(chunks, 1), whole, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="a stream cache needs a causal module"):
+        PKS4Module(128, dataclasses.replace(cfg, causal=False))(tokens[:, :1], (4, 4), {})
 
 
 # ---- the step-wise forward equals the full-clip forward -----------------------------------------------------------

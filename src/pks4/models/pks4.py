@@ -474,7 +474,7 @@ class PKS4Module(nn.Module):
 
     def __init__(self, dim: int, cfg: PKS4Config) -> None:
         super().__init__()
-        self.skip_from = cfg.skip_from
+        self.skip_from, self.causal = cfg.skip_from, cfg.causal
         self.kpe = KinematicPriorEncoder(dim, cfg) if (cfg.use_var or cfg.use_corr) else None
         self.ks4 = KS4(dim, cfg) if cfg.use_ks4 else None
         self.cls_route = ClsTemporalRoute(dim, cfg.cls_route, cfg.causal)
@@ -484,6 +484,9 @@ class PKS4Module(nn.Module):
         b, t, n1, c = tokens.shape
         if n1 - 1 != grid_hw[0] * grid_hw[1]:
             raise ValueError(f"PKS4 module got {n1 - 1} patch tokens for a {grid_hw[0]}x{grid_hw[1]} grid")
+        if cache is not None and not self.causal:
+            raise ValueError("PKS4 module: a stream cache needs a causal module (causal=True), whose frames read "
+                             "no later frames")
         z_cls, z_p = tokens[:, :, 0], tokens[:, :, 1:]  # Eq. 1
         z_hat = self.kpe(z_p, grid_hw, cache) if self.kpe is not None else z_p  # Eq. 2
         if self.ks4 is None:
