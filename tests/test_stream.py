@@ -56,10 +56,12 @@ def test_reads_every_frame_in_order(video):
 def test_stream_json_equals_the_causal_forward_on_the_frames_so_far(run, video, capsys):
     assert main(["stream", str(video), "--checkpoint", str(run), "--json", "--frame-step", "2", "--topk", "3"]) == 0
     lines = _json_lines(capsys)
-    assert [x["frame"] for x in lines] == [1, 2, 3, 4, 5, 6] and [x["source_frame"] for x in lines] == [0, 2, 4, 6, 8, 10]
+    assert [x["frame"] for x in lines] == [1, 2, 3, 4, 5, 6]
+    assert [x["source_frame"] for x in lines] == [0, 2, 4, 6, 8, 10]
     assert [x["time"] for x in lines] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]
     model, cfg, classes = load_model_from_checkpoint(run)
-    clip = EvalTransform(32, 32, 1, cfg.data.mean, cfg.data.std)(read_frames(video, range(0, 12, 2)))  # (1, 6, 3, 32, 32)
+    tf = EvalTransform(32, 32, 1, cfg.data.mean, cfg.data.std)
+    clip = tf(read_frames(video, range(0, 12, 2)))  # (1, 6, 3, 32, 32): decoded and transformed as in evaluation
     with torch.no_grad():
         probs = model.forward_running(clip).softmax(-1)[0]  # (6, K): the prediction after each frame
         assert torch.allclose(probs[-1], model(clip).softmax(-1)[0], atol=1e-6)
@@ -115,7 +117,8 @@ def test_a_camera_that_is_not_there(tmp_path, capsys):
     _one_line_error(["stream", "/dev/video97", "--checkpoint", missing], capsys, "/dev/video97", "no such camera")
     _one_line_error(["stream", "97", "--checkpoint", missing], capsys, "/dev/video97", "no such camera")
     # a character device that is not a camera: the camera input refuses it
-    _one_line_error(["stream", "/dev/null", "--checkpoint", missing], capsys, "/dev/null", "cannot be opened as a camera")
+    _one_line_error(["stream", "/dev/null", "--checkpoint", missing], capsys, "/dev/null",
+                    "cannot be opened as a camera")
 
 
 def test_a_file_that_is_not_a_video(tmp_path, run, capsys):
