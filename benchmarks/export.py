@@ -6,10 +6,11 @@ Each model is a registered tiny variant (as registered: 8 frames at 64 px; Park'
 trained-like weights (every parameter moved by 0.05 * N(0, 1), so the residual branches that start at zero carry
 their inputs), saved as a Hub folder with two test views, then exported through :func:`pks4.engine.export.
 export_run`, the path of the command: the check feeds seeded random clips (batch 1 and 3) and the two test views of
-a built-in benchmark clip decoded through the run's own preprocessing. ``--big`` adds VideoMamba-Ti at 8 x 224
-(L = 1569 tokens per scan, 48 scans): the graph stays one loop per scan.
+a built-in benchmark clip decoded through the run's own preprocessing. ``--big`` measures VideoMamba-Ti at 8 x 224
+instead (L = 1569 tokens per scan, 48 scans): the graph stays one loop per scan.
 
-    python benchmarks/export.py [--big]          # writes benchmarks/export.md
+    python benchmarks/export.py          # writes benchmarks/export.md
+    python benchmarks/export.py --big    # writes benchmarks/export_big.md
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ from pks4.engine.pretrained import InferenceSpec, save_pretrained
 from pks4.models.registry import create_model
 
 HERE = Path(__file__).resolve().parent
-FAMILIES = {  # registry name -> (family, overrides)
+FAMILIES = {  # registry name (a word after it tells apart two settings of one model) -> (family, overrides)
     "pks4_vit_tiny": ("PKS4", {}),
+    "pks4_vit_tiny causal": ("PKS4, causal (live video)", dict(causal=True)),
     "videomamba_li_micro": ("VideoMamba (Li et al.)", {}),
     "videomamba_park_micro": ("VideoMamba (Park et al.)", {}),
     "vit_tiny_avgpool": ("frame-average ViT", {}),
@@ -39,16 +41,16 @@ FAMILIES = {  # registry name -> (family, overrides)
 BIG = {"videomamba_tiny": ("VideoMamba-Ti (Li et al.), 8 x 224", dict(num_classes=400))}
 
 
-def hub_folder(name: str, overrides: dict, root: Path) -> Path:
+def hub_folder(key: str, overrides: dict, root: Path) -> Path:
     torch.manual_seed(0)
-    model = create_model(name, **overrides).eval()
+    model = create_model(key.split()[0], **overrides).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     native = model.native_geometry()
     spec = InferenceSpec([f"class_{i}" for i in range(model.num_classes)], views=f"{native.frames}x2x1",
                          data=DataConfig(num_frames=native.frames, size=native.size, short_side=native.size))
-    return save_pretrained(model, spec, root / name)
+    return save_pretrained(model, spec, root / key.replace(" ", "_"))
 
 
 def measure(models: dict, root: Path) -> list[dict]:
@@ -56,7 +58,7 @@ def measure(models: dict, root: Path) -> list[dict]:
     for name, (family, overrides) in models.items():
         folder = hub_folder(name, overrides, root)
         for fmt, suffix in FORMATS.items():
-            out = root / f"{name}{suffix}"
+            out = root / f"{name.replace(' ', '_')}{suffix}"
             start = time.perf_counter()
             report = export_run(folder, out, ExportOptions(format=fmt))
             rows.append(dict(family=family, name=name, format=fmt, report=report, mib=out.stat().st_size / 2**20,
@@ -99,10 +101,11 @@ def _version(module: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--big", action="store_true", help="also VideoMamba-Ti at 8 x 224 (minutes on 2 cores)")
-    ap.add_argument("--out", default=str(HERE / "export.md"))
+    ap.add_argument("--big", action="store_true", help="VideoMamba-Ti at 8 x 224 instead (minutes on 2 cores)")
+    ap.add_argument("--out", default=None, help="default: benchmarks/export.md (export_big.md with --big)")
     args = ap.parse_args()
-    models = {**FAMILIES, **(BIG if args.big else {})}
+    args.out = args.out or str(HERE / ("export_big.md" if args.big else "export.md"))
+    models = BIG if args.big else FAMILIES
     with tempfile.TemporaryDirectory(prefix="pks4-export-bench-") as tmp:
         rows = measure(models, Path(tmp))
     write(rows, Path(args.out), "python benchmarks/export.py" + (" --big" if args.big else ""))
