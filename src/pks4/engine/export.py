@@ -19,10 +19,11 @@ format              written by                           runs with
 **The scan.** By default every Mamba mixer of the exported copy runs the ``portable`` backend of
 :mod:`pks4.ssm.scan_portable`: the recurrence as ONE loop construct of the format (torch's ``scan`` operator in
 the ExportedProgram, an ONNX ``Scan``, a TorchScript loop), so no format needs pks4 and none unrolls time
-(VideoMamba-S at 8 frames would otherwise write ~750k nodes). A custom-op translation would have served ONNX
-only; this path serves all three with one definition of the step. ``scan="op"`` keeps the registered custom op
-``pks4::selective_scan`` instead (an ExportedProgram that runs the native kernel, and loads only where pks4 is
-imported); the ONNX and TorchScript formats cannot hold that op and say so.
+(VideoMamba-Ti at 8 x 224: 1,586 top-level ONNX nodes, 48 of them ``Scan``, in ``benchmarks/export_big.md``;
+unrolled, its 48 scans of L = 1569 steps would be 75,312 copies of the step). A custom-op translation would have
+served ONNX only; this path serves all three with one definition of the step. ``scan="op"`` keeps the registered
+custom op ``pks4::selective_scan`` instead (an ExportedProgram that runs the native kernel, and loads only where
+pks4 is imported); the ONNX and TorchScript formats cannot hold that op and say so.
 
 torch 2.13 marks ``torch.jit.trace`` / ``torch.jit.script`` deprecated; TorchScript is still written because
 runtimes without Python (LibTorch) load it, and the check shows that the archive works.
