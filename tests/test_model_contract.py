@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pks4.layers.geometry import NativeGeometry, TokenGeometry
 from pks4.models.base import VideoModel
@@ -127,3 +128,25 @@ def test_resize_rejects_bad_values(name):
         with pytest.raises(ValueError, match="multiple of the tubelet 2"):
             model.resize(frames=5)
     assert model.native_geometry() == NativeGeometry(FRAMES, 32, 8, model.native_geometry().tubelet)  # unchanged
+
+
+class TensorsFromPython(TorchDispatchMode):
+    """Counts ``aten.lift_fresh``: a tensor built from Python data (``torch.tensor(list)``), which on a GPU is a
+    host-to-device copy in the middle of the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.aten.lift_fresh.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_training_step_builds_no_tensor_from_python_lists(name):
+    """Index and offset tensors are made on the device (aranges, buffers), never copied from a list per step."""
+    model = tiny(name).train()
+    with TensorsFromPython() as counter:
+        model(_clip()).sum().backward()
+    assert counter.calls == 0

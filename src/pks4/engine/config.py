@@ -279,6 +279,35 @@ def _type_name(tp: Any) -> str:
     return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+def _coerce_scalar(value: Any, tp: Any, bad: ConfigError) -> Any:
+    """The leaf cases of :func:`_coerce`: bool, int, float, str and plain classes; ``bad`` is the error to raise."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML reads "7e-4" (no dot) as a string
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # "8x2x3"-like strings stay strings; numbers given for a str key are accepted
+        if isinstance(value, bool):
+            raise ConfigError(f"{bad} (quote it: YAML reads on/off/yes/no as booleans)")
+        raise bad
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise bad
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (int -> float widening allowed), or raise ConfigError."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -315,31 +344,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise bad
         return build_section(tp, value, prefix=key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)  # PyYAML reads "7e-4" (no dot) as a string
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # "8x2x3"-like strings stay strings; numbers given for a str key are accepted
-        if isinstance(value, bool):
-            raise ConfigError(f"{bad} (quote it: YAML reads on/off/yes/no as booleans)")
-        raise bad
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise bad
+    return _coerce_scalar(value, tp, bad)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

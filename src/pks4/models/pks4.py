@@ -175,7 +175,9 @@ def gather_neighbours(f: Tensor, offsets: list[int], pad: str, start: int = 0) -
     skips frames that only serve as neighbours (a stream's remembered past, see :func:`temporal_neighbours`).
     """
     t = f.shape[1]
-    idx = torch.arange(start, t, device=f.device)[:, None] + torch.tensor(offsets, device=f.device)[None, :]
+    # Built from aranges, not torch.tensor(offsets): no host-to-device copy per forward on a GPU.
+    frames = torch.arange(start, t, device=f.device)
+    idx = torch.stack([frames + o for o in offsets], dim=1)  # (T - start, K)
     out = f[:, idx.clamp(0, t - 1)]  # (B, T - start, K, ...)
     if pad == "zero":
         inside = ((idx >= 0) & (idx < t)).to(f.dtype)

@@ -229,6 +229,15 @@ def _chunk_backward(h0, dh, ts, b, dim, offs_d, mask_d, offs_n, mask_n, A, bias,
 
 
 @triton.jit
+def _group_start(ckpt_ptr, g, stride, state_offs, mask_dn, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr):
+    """The state entering checkpoint group ``g``: zero for the first group, the forward's checkpoint after it."""
+    h = tl.zeros((BLOCK_D, N_PAD), tl.float32)
+    if g > 0:
+        h = tl.load(ckpt_ptr + (g - 1) * stride + state_offs, mask=mask_dn, other=0.0)
+    return h
+
+
+@triton.jit
 def selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dlast_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
@@ -262,11 +271,8 @@ def selective_scan_bwd_kernel(
         g = n_groups - 1 - gg
         c0 = g * GROUP
         c1 = tl.minimum(c0 + GROUP, n_chunks)
-        if g > 0:
-            h_group = tl.load(ckpt_ptr + (b * (n_groups - 1) + g - 1) * dim * N + state_offs, mask=mask_dn,
-                              other=0.0)
-        else:
-            h_group = tl.zeros((BLOCK_D, N_PAD), tl.float32)
+        h_group = _group_start(ckpt_ptr + b * (n_groups - 1) * dim * N, g, dim * N, state_offs, mask_dn,
+                               BLOCK_D, N_PAD)
         _replay_group(h_group, c0, c1, scratch, b, offs_d, mask_d, offs_n, mask_n, A, bias, L,
                       u_ptr, su_b, su_d, su_l, delta_ptr, sdl_b, sdl_d, sdl_l, B_ptr, sB_b, sB_n, sB_l,
                       SOFTPLUS, CHUNK, BLOCK_D * N_PAD)
