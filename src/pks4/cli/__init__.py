@@ -12,6 +12,7 @@ with typed arguments.
     pks4 predict LONG.mp4 --checkpoint ... --window 8 --stride 4 [--fps F] [--json | --csv] [--out DIR]
     pks4 stream FILE_OR_CAMERA --checkpoint CAUSAL_RUN [--frame-step N] [--every N] [--topk 5] [--json]
     pks4 export-pretrained RUN_OR_CKPT OUT_DIR     (config.json + model.safetensors + README.md)
+    pks4 export RUN_OR_CKPT OUT_FILE --format onnx|torchscript|exported-program [--batch dynamic|N]
     pks4 serve RUN_OR_FOLDER [--port 8000] [--examples DIR]     (needs pks4[web])
     pks4 retrieval | linear-probe | embed --checkpoint CKPT_OR_RUNDIR [--frames T] [--size S] ...
     pks4 data check LIST_OR_DIR | pks4 data synth OUT_DIR [--seed N] [--train-per-class N] [--val-per-class N]
@@ -22,8 +23,8 @@ line ``pks4: error: <file or key>: <problem>`` and exit code 2 (:mod:`pks4.error
 line (or PKS4_DEBUG=1) shows the traceback instead.
 
 Modules: :mod:`.training` (train, pretrain, recipes), :mod:`.evaluation` (eval, predict and the StretchySnake
-protocols), :mod:`.deploy` (export-pretrained, serve, stream), :mod:`.tools` (data, models, profile, demo). Each
-registers its sub-commands with ``add_parsers``.
+protocols), :mod:`.deploy` (export-pretrained, serve, stream), :mod:`.export` (export), :mod:`.tools` (data, models,
+profile, demo). Each registers its sub-commands with ``add_parsers``.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import deploy, evaluation, tools, training
+from . import deploy, evaluation, export, tools, training
 
 __all__ = ["main", "build_parser"]
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_parsers(sub)
     evaluation.add_parsers(sub)
     deploy.add_parsers(sub)
+    export.add_parsers(sub)
     tools.add_parsers(sub)
     return p
 

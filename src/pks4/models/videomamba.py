@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -128,32 +129,38 @@ class VideoMambaConfig:
 
 
 # ---- scan orders (Li Fig. 4, Park Table 2) ----------------------------------------------------------------
+def _order_lists(scan: str, n_t: int, n_s: int) -> list[tuple[list[int], list[int]]]:
+    """:func:`scan_orders` as Python ints: plans are built from these, so tracing a forward (``torch.export``,
+    ``torch.jit.trace``) never has to read the values of a tensor it made."""
+    if scan not in SCAN_ORDERS:
+        raise ValueError(f"unknown scan order {scan!r}; expected one of {SCAN_ORDERS}")
+    grid = [[1 + t * n_s + s for s in range(n_s)] for t in range(n_t)]  # canonical positions of the video tokens
+    spatial_first = [p for row in grid for p in row]
+    temporal_first = [grid[t][s] for s in range(n_s) for t in range(n_t)]
+
+    def pair(forward: list[int], backward: list[int]) -> tuple[list[int], list[int]]:
+        return [0] + forward, backward + [0]
+
+    if scan in ("spatial_first", "spatiotemporal_reversal"):
+        return [pair(spatial_first, spatial_first[::-1])]
+    if scan == "temporal_first":
+        return [pair(temporal_first, temporal_first[::-1])]
+    if scan == "spatiotemporal_v1":
+        return [pair(spatial_first, temporal_first[::-1])]
+    if scan == "spatiotemporal_v2":
+        return [pair(spatial_first, spatial_first[::-1]), pair(temporal_first, temporal_first[::-1])]
+    if scan == "spatial_reversal":
+        return [pair(spatial_first, [p for row in grid for p in row[::-1]])]
+    return [pair(spatial_first, [p for row in grid[::-1] for p in row])]  # temporal_reversal
+
+
 def scan_orders(scan: str, n_t: int, n_s: int) -> list[tuple[Tensor, Tensor]]:
     """Visiting orders of a bidirectional layer over the canonical layout [CLS, (t, s) spatial-first].
 
     Returns one ``(forward, backward)`` pair of permutations of ``range(1 + n_t * n_s)`` per scan the layer
     runs (two for ``spatiotemporal_v2``). CLS (position 0) is first forward and last backward.
     """
-    if scan not in SCAN_ORDERS:
-        raise ValueError(f"unknown scan order {scan!r}; expected one of {SCAN_ORDERS}")
-    grid = torch.arange(n_t * n_s).view(n_t, n_s) + 1  # canonical positions of the video tokens
-    cls = torch.zeros(1, dtype=torch.long)
-    spatial_first, temporal_first = grid.flatten(), grid.t().flatten()
-
-    def pair(forward: Tensor, backward: Tensor) -> tuple[Tensor, Tensor]:
-        return torch.cat([cls, forward]), torch.cat([backward, cls])
-
-    if scan in ("spatial_first", "spatiotemporal_reversal"):
-        return [pair(spatial_first, spatial_first.flip(0))]
-    if scan == "temporal_first":
-        return [pair(temporal_first, temporal_first.flip(0))]
-    if scan == "spatiotemporal_v1":
-        return [pair(spatial_first, temporal_first.flip(0))]
-    if scan == "spatiotemporal_v2":
-        return [pair(spatial_first, spatial_first.flip(0)), pair(temporal_first, temporal_first.flip(0))]
-    if scan == "spatial_reversal":
-        return [pair(spatial_first, grid.flip(1).flatten())]
-    return [pair(spatial_first, grid.flip(0).flatten())]  # temporal_reversal
+    return [(torch.tensor(f), torch.tensor(b)) for f, b in _order_lists(scan, n_t, n_s)]
 
 
 @dataclass(frozen=True)
@@ -167,15 +174,22 @@ class _ScanPlan:
     backward: Tensor | None
 
 
-def _plan(forward: Tensor, backward: Tensor, device: torch.device) -> _ScanPlan:
+def _plan(forward: Sequence[int] | Tensor, backward: Sequence[int] | Tensor, device: torch.device) -> _ScanPlan:
+    """The plan of one (forward, backward) pair of :func:`scan_orders`, worked out on Python ints (a traced
+    forward cannot branch on tensor values) and stored as index tensors on ``device``."""
+    forward, backward = (o.tolist() if isinstance(o, Tensor) else [int(i) for i in o] for o in (forward, backward))
     length = len(forward)
-    identity = torch.equal(forward, torch.arange(length))
-    restore = torch.empty_like(forward)
-    restore[forward] = torch.arange(length)
-    backward_rel = restore[backward]  # where each backward-visited token sits in the forward order
-    is_flip = torch.equal(backward_rel, torch.arange(length - 1, -1, -1))
-    return _ScanPlan(None if identity else forward.to(device), None if identity else restore.to(device),
-                     None if is_flip else backward_rel.to(device))
+    restore = [0] * length
+    for position, token in enumerate(forward):
+        restore[token] = position
+    backward_rel = [restore[token] for token in backward]  # where each backward-visited token sits, forward
+    identity, is_flip = forward == list(range(length)), backward_rel == list(range(length - 1, -1, -1))
+
+    def index(values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return _ScanPlan(None if identity else index(forward), None if identity else index(restore),
+                     None if is_flip else index(backward_rel))
 
 
 # ---- position embeddings ----------------------------------------------------------------------------------
@@ -395,9 +409,12 @@ class VideoMamba(nn.Module):
                                  f"order is the reverse of the forward one {FLIP_SCANS}, got {self.config.scan!r}")
             return [_ScanPlan(None, None, None)]
         key = (self.config.scan, n_t, n_s, str(device))
-        if key not in self._plans:
-            self._plans[key] = [_plan(f, b, device) for f, b in scan_orders(self.config.scan, n_t, n_s)]
-        return self._plans[key]
+        if key in self._plans:
+            return self._plans[key]
+        plans = [_plan(f, b, device) for f, b in _order_lists(self.config.scan, n_t, n_s)]
+        if not torch.compiler.is_compiling():  # under export the index tensors are the tracer's, not for keeping
+            self._plans[key] = plans
+        return plans
 
     def forward_blocks(self, hidden: Tensor, plans: list[_ScanPlan], start: int = 0, end: int | None = None,
                        residual: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

@@ -16,6 +16,9 @@ Paths (``backend=``, or the ``PKS4_SCAN_BACKEND`` environment variable when ``ba
 - ``native`` (:mod:`.scan_native`): a fused C++ kernel for CPU tensors, compiled on first use.
 - ``triton`` (:mod:`.scan_triton`): Triton kernels for CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``).
 - ``mamba_ssm``: the CUDA kernel of the ``mamba_ssm`` package, when the user has it installed.
+- ``portable`` (:mod:`.scan_portable`): the recurrence as one loop of plain PyTorch operators that exporters
+  keep as a loop (torch's ``scan`` operator under ``torch.export`` and for ONNX, a TorchScript loop under
+  ``torch.jit.trace``), so an exported file loads without pks4. Chosen only by name (``pks4 export`` does).
 
 ``loop``, ``native`` and ``triton`` run as one custom op, ``torch.ops.pks4.selective_scan``, with its own
 backward (``pks4::selective_scan_backward``) and a shape-only implementation, so ``torch.export`` and
@@ -45,7 +48,7 @@ __all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "se
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("ref", "loop", "native", "triton", "mamba_ssm")
+BACKENDS = ("ref", "loop", "native", "triton", "mamba_ssm", "portable")
 _ALIASES = {"reference": "ref", "torch": "loop", "cpp": "native", "cpu": "native", "mamba": "mamba_ssm"}
 _OP_BACKENDS = ("loop", "native", "triton")  # the paths behind torch.ops.pks4.selective_scan
 _HALF_AND_SINGLE = (torch.float32, torch.bfloat16, torch.float16)
@@ -335,6 +338,10 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         return selective_scan_ref(*args, delta_softplus, return_last_state)
     if name == "mamba_ssm":
         return _mamba_ssm_scan(*args, delta_softplus, return_last_state)
+    if name == "portable":
+        from .scan_portable import portable_scan
+
+        return portable_scan(*args, delta_softplus, return_last_state)
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
     out, last, _ = _scan_op(*args, bool(delta_softplus), bool(return_last_state), keep, name)
     return (out, last) if return_last_state else out
