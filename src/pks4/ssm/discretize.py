@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["step_sizes", "compute_dtype"]
+__all__ = ["step_sizes", "compute_dtype", "skip_and_gate"]
 
 
 def step_sizes(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
@@ -21,3 +21,12 @@ def step_sizes(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -
 
 def compute_dtype(u: Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def skip_and_gate(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
+    """The scan output of eq. 2b, y + D u, then Mamba's gate silu(z); y, u (batch, d_inner, L) in y's dtype."""
+    if D is not None:
+        y = y + D.to(y.dtype)[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .discretize import compute_dtype, step_sizes
+from .discretize import compute_dtype, skip_and_gate, step_sizes
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "selective_state_update_ref",
            "available_backends", "resolve_backend", "BACKENDS"]
@@ -102,11 +102,7 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
         h = decay * h + inject                                        # eq. 2a
         ys.append((h * C_t[:, None, :]).sum(-1))                      # C h: (batch, d_inner)
     y = torch.stack(ys, dim=-1)                                       # (batch, d_inner, L)
-    if D is not None:
-        y = y + D.to(f)[:, None] * u                                  # eq. 2b skip term
-    if z is not None:
-        y = y * F.silu(z.to(f))
-    out = y.to(dtype)
+    out = skip_and_gate(y, u, D, z).to(dtype)
     return (out, h) if return_last_state else out
 
 

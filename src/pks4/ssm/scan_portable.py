@@ -20,10 +20,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .discretize import compute_dtype, step_sizes
+from .discretize import compute_dtype, skip_and_gate, step_sizes
 
 __all__ = ["portable_scan", "scan_step"]
 
@@ -72,9 +71,5 @@ def portable_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (batch, d_inner, d_state)
     loop = _scripted_loop() if torch.jit.is_tracing() else _scan_over_time
     last, y = loop(h, u, delta, A, B, C)
-    if D is not None:
-        y = y + D.to(f)[:, None] * u  # eq. 2b skip term
-    if z is not None:
-        y = y * F.silu(z.to(f))
-    out = y.to(dtype)
+    out = skip_and_gate(y, u, D, z).to(dtype)
     return (out, last) if return_last_state else out
