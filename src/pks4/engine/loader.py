@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pks4.data.flex_sampler import FlexBatchSampler, FlexDataset
-from pks4.data.items import Batch, Skipped, collate
+from pks4.data.items import Batch, Skipped, collate, show_notes
 from pks4.engine.runtime import DistInfo, TrainingError
 
 __all__ = ["item_seed", "SeededItems", "ShardPlan", "FlexPlan", "LoaderOptions", "BatchStream", "sequential_stream"]
@@ -211,6 +211,7 @@ class BatchStream:
                           generator=torch.Generator().manual_seed(self.seed))
 
     def _checked(self, batch: Batch) -> Batch:
+        show_notes(batch.notes)
         return batch if self.skip_bad else batch.raise_skipped()
 
     def __iter__(self) -> Iterator[Batch]:
