@@ -69,6 +69,7 @@ from pks4.engine.config import OptimConfig, TrainConfig, format_config
 from pks4.engine.ema import WeightEMA
 from pks4.engine.loader import BatchStream, FlexPlan, LoaderOptions, SeededItems, ShardPlan
 from pks4.engine.optim import LRSchedule, build_optimizer, scaled_lr
+from pks4.engine.rundir import atomic_write_text, check_destination, checkpoint_bytes
 from pks4.engine.runlog import MetricsLog, plot_curves
 from pks4.engine.runtime import DistInfo, StopFlag, TrainingError, agree, amp_dtype_for
 from pks4.layers.geometry import TokenGeometry
@@ -534,9 +535,11 @@ class Loop:
     def fit(self) -> RunResult:
         """Train until ``train.epochs`` (or a stop); evaluate, save, log, plot on the way."""
         t = self.s.train
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(format_config(self.s.config))
+        if self.dist.is_main:  # before the first step: room for the checkpoints, the config written atomically
+            need = checkpoint_bytes(sum(p.numel() for p in self.task.model.parameters()),
+                                    keep_last=t.keep_last, ema=self.ema is not None)
+            check_destination(self.run_dir, need)
+            atomic_write_text(self.run_dir / "config.yaml", format_config(self.s.config))
         status, last, path = "finished", None, None
         with StopFlag() as stop:
             while self.epoch < t.epochs:
