@@ -16,9 +16,10 @@ with typed arguments.
     pks4 data check LIST_OR_DIR | pks4 data synth OUT_DIR [--seed N] [--train-per-class N] [--val-per-class N]
     pks4 models | pks4 profile MODEL | pks4 demo [--out DIR]
 
-Bad input (missing files, unreadable videos, unknown config keys, checkpoints that do not fit) ends with one
-line ``pks4: error: <file or key>: <problem>`` and exit code 2 (:mod:`pks4.errors`); ``--debug`` anywhere on the
-line (or PKS4_DEBUG=1) shows the traceback instead.
+Bad input (missing files, unreadable videos, unknown config keys, checkpoints that do not fit, an option out of
+its range) ends with one line ``pks4: error: <file, key or option>: <problem>`` and exit code 2
+(:mod:`pks4.errors`, :mod:`.checks`); ``--debug`` anywhere on the line (or PKS4_DEBUG=1) shows the traceback
+instead. Commands that write check their destination before the work (:mod:`pks4.engine.rundir`).
 
 Modules: :mod:`.training` (train, pretrain, recipes), :mod:`.evaluation` (eval, predict and the StretchySnake
 protocols), :mod:`.deploy` (export-pretrained, serve), :mod:`.tools` (data, models, profile, demo). Each
@@ -37,7 +38,9 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every sub-command."""
-    p = argparse.ArgumentParser(prog="pks4", description="Efficient video understanding with PKS4 and SSMs.")
+    from .checks import Parser
+
+    p = Parser(prog="pks4", description="Efficient video understanding with PKS4 and SSMs.")
     p.add_argument("--debug", action="store_true", help="show the traceback of any error (also PKS4_DEBUG=1; "
                    "accepted anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -53,5 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pks4.errors import run_guarded, split_debug_flag
 
     argv, debug = split_debug_flag(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    return run_guarded(lambda: args.func(args), debug=debug)
+
+    def run() -> int:
+        args = build_parser().parse_args(argv)  # a bad command line is a UsageError: one line, exit 2
+        return args.func(args)
+
+    return run_guarded(run, debug=debug)

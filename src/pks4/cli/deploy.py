@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from . import checks
+
 __all__ = ["add_parsers"]
 
 
 def _export_pretrained_cmd(args: argparse.Namespace) -> int:
     from pks4.api import VideoClassifier
+    from pks4.engine.rundir import check_destination
 
+    check_destination(args.out, option="OUT", what="model folder", min_free=0)  # before the model is read
     out = VideoClassifier.from_pretrained(args.source, device="cpu").save_pretrained(args.out)
     print(f"wrote {out}/config.json, model.safetensors and README.md")
     return 0
@@ -40,10 +44,10 @@ def add_parsers(sub: Any) -> None:
     sv = sub.add_parser("serve", help="a web page to classify uploaded videos (needs: pip install 'pks4[web]')")
     sv.add_argument("source", metavar="RUN", help="run dir, checkpoint, or a folder from export-pretrained")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=checks.integer(1, 65535), default=8000, help="TCP port (default 8000)")
     sv.add_argument("--examples", help="folder of videos the page offers to pick from")
     sv.add_argument("--window", default="2s", help="timeline window for long videos (frames or seconds)")
     sv.add_argument("--stride", default="1s", help="timeline stride (frames or seconds)")
-    sv.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    sv.add_argument("--device", default="auto", type=checks.device, help="auto | cpu | cuda | cuda:N")
     sv.add_argument("--amp", default="auto", help="auto | fp32 | bf16 | fp16")
     sv.set_defaults(func=_serve_cmd)
