@@ -434,6 +434,8 @@ RUN_CASES = [
          "refused before any work, the old run left as it is"),
     Case("train --overwrite over a run", lambda t, d, r: (a_run(t / "run"), _train(d, t, "--overwrite"))[1], 0,
          ("moved aside to", "run.old-"), "the old run is moved to OUT.old-<date>-<time>, a new one starts"),
+    Case("pretrain into a folder holding a run", lambda t, d, r: ["pretrain", "--out", str(a_run(t / "run"))], 2,
+         ("already holds a run", "--resume auto", "--overwrite"), "refused before the teacher or any data is read"),
     Case("train --resume auto --overwrite", lambda t, d, r: _train(d, t, "--resume", "auto", "--overwrite"), 2,
          ("give only one",), "refused: the two flags contradict"),
     Case("eval --out naming a file", lambda t, d, r: ["eval", "--checkpoint", str(r), "--data", str(d.val),
