@@ -624,8 +624,30 @@ MANY_CASES = [
          "one line naming the file and the way out"),
 ]
 
+# ----------------------------------------------------------------------------------------- pks4 stream
+
+
+def _stream(source_fn, *flags):
+    return lambda t, d, r: ["stream", str(source_fn(t, d)), "--checkpoint", str(r), *flags]
+
+
+STREAM_CASES = [
+    Case("stream --topk 0", _stream(lambda t, d: _good(d), "--topk", "0"), 2,
+         ("stream --topk 0: expected an integer >= 1",), "error names the command and the option"),
+    Case("stream --frame-step 0", _stream(lambda t, d: _good(d), "--frame-step", "0"), 2,
+         ("stream --frame-step 0: expected an integer >= 1",), "error names the option, before the source opens"),
+    Case("stream --device gpu", _stream(lambda t, d: _good(d), "--device", "gpu"), 2,
+         ("stream --device", "'gpu' is not a device"), "error lists the accepted devices"),
+    Case("stream a model that is not causal", _stream(lambda t, d: _good(d)), 2,
+         ("is not causal", "model.overrides.causal=true"), "error says how to train a model that streams"),
+    Case("stream from a camera that is not there", _stream(lambda t, d: "/dev/video99"), 2,
+         ("/dev/video99", "no such camera device"), "error names the device, before the model loads"),
+    Case("stream a text file named .mp4", _stream(lambda t, d: (t / "notes.mp4").write_text("x") and t / "notes.mp4"),
+         2, ("notes.mp4",), "error names the file, before the model loads"),
+]
+
 CASES += VIDEO_CASES + YAML_CASES + RANGE_CASES + PATH_CASES + MODEL_RANGE_CASES + JSON_CASES + RUN_CASES \
-    + OPTION_CASES + LIST_CASES + MANY_CASES
+    + OPTION_CASES + LIST_CASES + MANY_CASES + STREAM_CASES
 
 
 # Known gaps, kept visible until fixed (strict: a fix makes them fail until removed from here).

@@ -55,14 +55,14 @@ def _add_stream(sub: Any) -> None:
     p = sub.add_parser("stream", help="running prediction of a causal model on a video file or a camera")
     p.add_argument("source", metavar="SOURCE", help="video file, or camera device /dev/videoN (or just N)")
     p.add_argument("--checkpoint", required=True, help="checkpoint file/dir or run dir of a causal model")
-    p.add_argument("--topk", type=int, default=5, help="classes per prediction (default 5)")
-    p.add_argument("--every", type=int, default=1, metavar="N",
+    p.add_argument("--topk", type=checks.integer(1), default=5, help="classes per prediction (default 5)")
+    p.add_argument("--every", type=checks.integer(1), default=1, metavar="N",
                    help="print the prediction every N model frames, and after the last (default 1)")
-    p.add_argument("--frame-step", type=int, default=1, metavar="N",
+    p.add_argument("--frame-step", type=checks.integer(1), default=1, metavar="N",
                    help="feed every N-th decoded frame to the model: the frame rate it was trained at (default 1)")
-    p.add_argument("--max-frames", type=int, metavar="N", help="stop after N model frames (a camera never ends)")
-    p.add_argument("--size", type=int, help="frame size in pixels (default: the run's data.size)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--max-frames", type=checks.integer(1), metavar="N", help="stop after N model frames (a camera never ends)")
+    p.add_argument("--size", type=checks.integer(1), help="frame size in pixels (default: the run's data.size)")
+    p.add_argument("--device", default="auto", type=checks.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--json", action="store_true", help="one JSON object per printed prediction")
     p.set_defaults(func=_stream_cmd)
 
