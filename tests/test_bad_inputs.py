@@ -631,6 +631,21 @@ def _stream(source_fn, *flags):
     return lambda t, d, r: ["stream", str(source_fn(t, d)), "--checkpoint", str(r), *flags]
 
 
+def _causal_run(tmp: Path) -> Path:
+    """The corpus's tiny run, made causal (so it can stream)."""
+    model = create_model("pks4_vit_tiny", num_classes=10, image_size=32, num_frames=4, causal=True)
+    cfg = load_config(None, ["data.num_frames=4", "data.size=32", "data.short_side=32"])
+    meta = {"model_name": model.model_name, "model_config": dataclasses.asdict(model.config),
+            "classes": [str(i) for i in range(10)], "config": config_to_dict(cfg)}
+    ckpt.save_checkpoint(tmp / "causal" / "checkpoints" / "step-00000001", model, {"global_step": 1}, meta)
+    return tmp / "causal"
+
+
+def _stream_causal(*flags):
+    return lambda t, d, r: ["stream", str(_good(d)), "--checkpoint", str(_causal_run(t)), "--max-frames", "2",
+                            *flags]
+
+
 STREAM_CASES = [
     Case("stream --topk 0", _stream(lambda t, d: _good(d), "--topk", "0"), 2,
          ("stream --topk 0: expected an integer >= 1",), "error names the command and the option"),
@@ -642,6 +657,10 @@ STREAM_CASES = [
          ("is not causal", "model.overrides.causal=true"), "error says how to train a model that streams"),
     Case("stream from a camera that is not there", _stream(lambda t, d: "/dev/video99"), 2,
          ("/dev/video99", "no such camera device"), "error names the device, before the model loads"),
+    Case("stream --topk above the class count", _stream_causal("--topk", "50"), 0,
+         ("--topk 50 is more than the model's 10 classes", "frame 2"), "recovery: all classes shown, with a note"),
+    Case("stream --size below the patch (4, patch 8)", _stream_causal("--size", "4"), 2,
+         ("patch size 8", "frame size 4"), "error names the patch and the size, before the first frame is run"),
     Case("stream a text file named .mp4", _stream(lambda t, d: (t / "notes.mp4").write_text("x") and t / "notes.mp4"),
          2, ("notes.mp4",), "error names the file, before the model loads"),
 ]
