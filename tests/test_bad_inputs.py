@@ -661,6 +661,8 @@ STREAM_CASES = [
          ("--topk 50 is more than the model's 10 classes", "frame 2"), "recovery: all classes shown, with a note"),
     Case("stream --size below the patch (4, patch 8)", _stream_causal("--size", "4"), 2,
          ("patch size 8", "frame size 4"), "error names the patch and the size, before the first frame is run"),
+    Case("stream at a size whose activations do not fit (65536 px)", _stream_causal("--size", "65536"), 2,
+         ("stream:", "65536 px", "GiB", "is free on cpu"), "refused before the first frame is run, with the estimate"),
     Case("stream a text file named .mp4", _stream(lambda t, d: (t / "notes.mp4").write_text("x") and t / "notes.mp4"),
          2, ("notes.mp4",), "error names the file, before the model loads"),
 ]
