@@ -155,6 +155,19 @@ def test_shard_plan_splits_ranks_and_keeps_epochs_apart():
     assert tiny.batches(0) == [[0, 1], [2]]  # fewer than two batches: nothing dropped
 
 
+def test_no_more_workers_start_than_batches_or_a_few_per_cpu(monkeypatch):
+    from pks4.engine import loader
+
+    monkeypatch.setattr(loader.os, "cpu_count", lambda: 2)
+    assert loader.useful_workers(0, 5) == 0 and loader.useful_workers(3, 5) == 3 and loader.useful_workers(3, 0) == 0
+    assert loader.useful_workers(8, 2) == 2  # a worker makes whole batches: more would idle
+    with pytest.warns(UserWarning, match="100000 DataLoader workers asked for .* 2 CPUs: starting at most 8"):
+        assert loader.useful_workers(100_000, 50) == 8
+    stream = BatchStream(Slow(8), [[0, 1], [2, 3]], LoaderOptions(workers=6), skip_bad=False, where="test")
+    assert stream.workers == 2
+    assert [b.index.tolist() for b in stream] == [[0, 1], [2, 3]]
+
+
 def test_loader_timeout_is_checked_where_it_is_parsed():
     from pks4.engine.config import ConfigError, load_config
 
