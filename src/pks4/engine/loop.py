@@ -229,6 +229,10 @@ class Loop:
         plan = ShardPlan(n, self.dist, t.batch_size, shuffle=True, seed=t.seed)
         if plan.shard == 0:
             raise TrainingError("no training clips")
+        if t.batch_size > plan.shard:  # allowed (a tiny set), but the scaled learning rate would surprise
+            self.log(f"note: train.batch_size={t.batch_size} is more than the {plan.shard} training clips of a "
+                     "process: each step takes them all, while optim.scale_lr scales the learning rate for the "
+                     "batch size asked for")
         return plan
 
     def _make_optimizer(self) -> None:
