@@ -482,9 +482,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data_list: str | None = None, da
         data_cfg = data_config_at(data_cfg, spec.frames, size)
     at_shape = _at_shape(model, spec.frames, data_cfg.size, cfg.data.size, patch_policy, cfg.flex.kernel_resize)
     batch = batch_size or cfg.eval.batch_size
-    if any(x is not None for x in (views, batch_size, frames, size)):
-        check_memory(at_shape, spec.frames, data_cfg.size, batch * spec.clips * spec.crops, where="eval")
-    dataset = build_dataset(data_cfg, "val", train=False, views=spec, classes=classes, log=log)
+    dataset = build_dataset(data_cfg, "val", train=False, views=spec, classes=classes, log=log)  # the list only
+    if any(x is not None for x in (views, batch_size, frames, size)):  # a batch holds at most the whole list
+        check_memory(at_shape, spec.frames, data_cfg.size, min(batch, len(dataset)) * spec.clips * spec.crops,
+                     where="eval")
     loader = sequential_stream(dataset, batch, LoaderOptions(num_workers, cfg.train.loader_timeout),
                                skip_bad=data_cfg.skip_bad_videos)
     out = evaluate(at_shape, loader, amp_dtype=amp_dtype, frame_order=frame_order, progress=progress)

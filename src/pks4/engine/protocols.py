@@ -450,4 +450,5 @@ def check_protocol_memory(loaded: CheckpointData, policy: str | int, batch_size:
 
     cfg = loaded.data_cfg
     geometry = geometry_for(loaded.model, cfg.num_frames, cfg.size, policy, kernel_resize=loaded.run.flex.kernel_resize)
-    check_memory(at_geometry(loaded.model, geometry), cfg.num_frames, cfg.size, batch_size, where=where)
+    clips = min(batch_size, max((len(ds) for ds in loaded.datasets.values()), default=batch_size))
+    check_memory(at_geometry(loaded.model, geometry), cfg.num_frames, cfg.size, clips, where=where)
