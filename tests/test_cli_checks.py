@@ -78,3 +78,20 @@ def test_every_numeric_option_of_every_command_states_its_range():
                 bare.append(f"{name} {action.option_strings}")
     # data synth keeps its own checks in the command (tested in test_cli); the rest use pks4.cli.checks
     assert [b for b in bare if not b.startswith("data synth")] == []
+
+
+def test_output_to_a_reader_that_has_gone_ends_quietly():
+    """`pks4 recipes | head -0`: the reader closed its end before anything was written; no traceback, no
+    "internal error", the shell's SIGPIPE exit code."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pks4.cli", "recipes"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr

@@ -29,12 +29,16 @@ registers its sub-commands with ``add_parsers``.
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import sys
 from typing import Sequence
 
 from . import deploy, evaluation, tools, training
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "EXIT_READER_GONE"]
+
+EXIT_READER_GONE = 141  # 128 + SIGPIPE: what a shell tool reports when the reader of its output has gone
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +64,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         args = build_parser().parse_args(argv)  # a bad command line is a UsageError: one line, exit 2
-        return args.func(args)
+        try:
+            return args.func(args)
+        except BrokenPipeError:
+            if not _stdout_reader_gone():
+                raise  # another pipe (a worker's, a socket's): sorted by the boundary
+            # `pks4 predict *.mp4 | head -1`: the reader has what it wanted, so stop quietly as shell tools do;
+            # Python's flush of stdout at exit must not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_READER_GONE
 
     return run_guarded(run, debug=debug)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end is closed (the poll of a write end reports an error)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor (captured output), no poll on this system
+        return False
