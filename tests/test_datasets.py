@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from pks4.data import datasets
 from pks4.data.datasets import (
     DataConfig,
     DatasetError,
@@ -259,3 +262,90 @@ def test_a_list_whose_paths_end_in_a_number_is_not_read_as_raw_frames(tmp_path):
     (tmp_path / "clip").mkdir()
     report = check_dataset(tmp_path / "list.txt", DataConfig(root=str(tmp_path)), max_videos=0)
     assert report.format == "rawframes" and report.missing == []
+
+
+# ---- list lines, formats said aloud, labels in range, paths stored absolute -------------------------------------
+@pytest.mark.parametrize("line, fields, parts", [
+    ("my,clip.mp4 3", 2, ["my,clip.mp4", "3"]),  # a comma inside a path of a space-separated list
+    ("my clip.mp4,3", 2, ["my clip.mp4", "3"]),  # spaces inside a path of a comma-separated list
+    ("a.mp4, 3", 2, ["a.mp4", "3"]),  # comma and space: the comma separates
+    ("take 1, left/clip.mp4 0", 2, ["take 1, left/clip.mp4", "0"]),
+    ("a.mp4 3", 2, ["a.mp4", "3"]),
+    ("frames/v,1 16 2", 3, ["frames/v,1", "16", "2"]),
+    ("frames/v 1,16,2", 3, ["frames/v 1", "16", "2"]),
+    ("a.mp4 x", 2, ["a.mp4", "x"]),  # neither reads: the field count decides, the label is then named as bad
+])
+def test_a_line_splits_where_its_numbers_are(line, fields, parts):
+    assert datasets._split_line(line, fields) == parts
+
+
+def test_auto_detection_gives_its_reason(tmp_path):
+    (tmp_path / "c" / "v").mkdir(parents=True)
+    (tmp_path / "list.txt").write_text("c/v 16 0\n")
+    (tmp_path / "plain.txt").write_text("a.mp4 0\n")
+    (tmp_path / "k.csv").write_text("label,youtube_id,time_start,time_end,split\n")
+    assert datasets.guess_format(tmp_path / "c", tmp_path)[0] == "folder"
+    assert datasets.guess_format(tmp_path / "list.txt", tmp_path / "c") == (
+        "list", "no other format matched: lines of '<path> <label>'; they also read as '<folder> <total_frames> "
+        f"<label>', but none of those folders is under {tmp_path / 'c'}: for raw frames set data.format=rawframes")
+    assert datasets.guess_format(tmp_path / "list.txt", tmp_path)[1].startswith("lines of '<folder> <total_frames>")
+    assert datasets.guess_format(tmp_path / "plain.txt", tmp_path) == ("list", "no other format matched: lines of "
+                                                                               "'<path> <label>'")
+    assert "Kinetics csv" in datasets.guess_format(tmp_path / "k.csv", tmp_path)[1]
+
+
+def test_labels_lie_in_the_class_range_whatever_gives_it(tmp_path):
+    (tmp_path / "v.mp4").write_bytes(b"")
+    (tmp_path / "list.txt").write_text("v.mp4 3\nv.mp4 12\nv.mp4 99999999999\n")
+    cfg = cfg_for(tmp_path, train="list.txt")
+    with pytest.raises(DatasetError, match=r"(?s)line 3: label 99999999999 is too large to be a class index") as err:
+        build_dataset(cfg, "train", train=True)
+    assert "line 2" not in str(err.value)  # implied: 13 classes, and nothing of the size of the typo is made
+    for given in (dict(num_classes=10), dict(classes=[str(i) for i in range(10)])):
+        with pytest.raises(DatasetError, match=r"(?s)line 2: label 12 out of range for 10 classes.*line 3: label "
+                                               r"99999999999 out of range for 10 classes"):
+            build_dataset(cfg, "train", train=True, **given)
+    (tmp_path / "list.txt").write_text("v.mp4 3\n")
+    assert build_dataset(cfg, "train", train=True, num_classes=10).classes == [str(i) for i in range(10)]
+
+
+def test_class_ids_in_labels_json_are_numbers_or_digit_strings(tmp_path):
+    path = tmp_path / "labels.json"
+    path.write_text('{"b": "1", "a": 0}')
+    assert read_class_names(path) == ["a", "b"]
+    for bad, shown in (('{"a": [0]}', "[0]"), ('{"a": true}', "True"), ('{"a": 1.5}', "1.5"), ('{"a": "x"}', "'x'")):
+        path.write_text(bad)
+        with pytest.raises(DatasetError, match=rf"labels.json: class 'a': id {re.escape(shown)} is not an integer"):
+            read_class_names(path)
+
+
+def test_annotation_files_that_are_not_regular_files_are_named(tmp_path):
+    os.mkfifo(tmp_path / "fifo.txt")
+    with pytest.raises(DatasetError, match=r"fifo.txt: is a FIFO \(named pipe\), not a regular file \(expected the "
+                                           r"annotation file\)"):
+        build_dataset(cfg_for(tmp_path, train="fifo.txt"), "train", train=True)
+    with pytest.raises(DatasetError, match=r"is a directory, not a regular file \(expected the class-names file\)"):
+        read_class_names(tmp_path)
+    with pytest.raises(DatasetError, match=r"nowhere.txt: annotation file not found \(a relative path, looked up "):
+        build_dataset(DataConfig(train="nowhere.txt"), "train", train=True)
+
+
+def test_dot_names_are_neither_classes_nor_clips(tmp_path):
+    for rel in ("cat/a.mp4", "cat/.ipynb_checkpoints/a-checkpoint.mp4", "cat/._a.mp4", ".ipynb_checkpoints/b.mp4",
+                "dog/sub/b.mp4"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / ".DS_Store").write_bytes(b"")
+    parsed = datasets.parse_folder(tmp_path, tmp_path, DataConfig(), None)
+    assert parsed.classes == ["cat", "dog"] and parsed.lines == ["cat/a.mp4", "dog/sub/b.mp4"]
+
+
+def test_resolved_paths_are_absolute_where_the_dataset_finds_them(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.txt").write_text("")
+    (tmp_path / "classes.txt").write_text("a\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = datasets.resolved_paths(DataConfig(root="data", train="train.txt", labels="classes.txt", val="gone.txt"))
+    assert (cfg.root, cfg.train, cfg.labels) == (str(tmp_path / "data"), str(tmp_path / "data" / "train.txt"),
+                                                 str(tmp_path / "classes.txt"))
+    assert cfg.val == "gone.txt"  # not found anywhere: left for the dataset to name

@@ -64,3 +64,27 @@ def test_run_views_equals_per_view_forward_and_evaluate_dedups():
     out = evaluate(model, batches)
     assert out.indices.tolist() == [3, 7] and out.labels.tolist() == [1, 2]
     torch.testing.assert_close(out.probs, aggregate_views(ref)[[0, 1]], rtol=1e-5, atol=1e-6)
+
+
+def test_predict_skips_bad_videos_in_place_or_names_the_first(tmp_path):
+    import numpy as np
+
+    from pks4.data.datasets import DataConfig
+    from pks4.data.synth import write_video
+    from pks4.data.video import DataError
+    from pks4.engine.infer import predict_videos
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_avgpool", num_classes=3, image_size=32, num_frames=4).eval()
+    good = write_video(tmp_path / "good.mp4", np.zeros((6, 32, 32, 3), np.uint8), fps=6)
+    (tmp_path / "text.mp4").write_text("not a video")
+    videos = [tmp_path / "gone.mp4", good, tmp_path / "text.mp4", good]
+    cfg, classes = DataConfig(num_frames=4, size=32, short_side=32), ["a", "b", "c"]
+    results = predict_videos(model, videos, classes, "4x1x1", 32, cfg, topk=2, batch_size=3, skip_bad=True)
+    assert [r["path"] for r in results] == [str(v) for v in videos]  # the input order, failures in place
+    assert ["error" in r for r in results] == [True, False, True, False]
+    assert "not a readable video" in results[2]["error"] and results[1]["topk"] == results[3]["topk"]
+    alone = predict_videos(model, [good], classes, "4x1x1", 32, cfg, topk=2)
+    assert alone[0]["topk"] == results[1]["topk"]  # a skipped neighbour changes nothing
+    with pytest.raises(DataError, match="gone.mp4"):
+        predict_videos(model, videos, classes, "4x1x1", 32, cfg, topk=2)

@@ -110,11 +110,40 @@ def test_a_new_format_is_a_parser_and_one_line(tmp_path):
         assert "pairs" in dataset_formats()
         for fmt in ("pairs", "auto"):  # named, or detected
             cfg = DataConfig(format=fmt, root=str(tmp_path), train="x.pairs", num_frames=2, size=16, short_side=16)
-            ds = build_dataset(cfg, "train", train=True)
+            said = []
+            ds = build_dataset(cfg, "train", train=True, log=said.append)
             assert ds.classes == ["a", "b"] and ds.samples == [Sample(str(tmp_path / "v.mp4"), 1)]
+            # auto says what it chose and why (a detector that answers True gets a plain reason); a named one is quiet
+            assert said == ([] if fmt == "pairs" else [f"{tmp_path / 'x.pairs'}: read as 'pairs' (its 'pairs' "
+                                                       "detector matched); data.format (--data-format) sets the format"])
         with pytest.raises(ValueError, match="already registered"):
             register_format("pairs", parse_pairs)
     finally:
         del datasets._FORMATS["pairs"]
     with pytest.raises(ValueError, match=r"DataConfig.format='pairs'; expected one of \('auto', 'folder'"):
         DataConfig(format="pairs")
+
+
+# ---- warnings made while loading: carried as notes, shown once by the reader ------------------------------------
+def test_notes_carry_the_warnings_of_a_load_and_are_shown_once_per_message():
+    import warnings
+
+    from pks4.data.items import noted, show_notes
+
+    def load():
+        warnings.warn("a.webm: the header gives 1 frame(s)")
+        warnings.warn("old call", DeprecationWarning)
+        return 7
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("error")  # nothing may escape noted()
+        value, notes = noted(load)
+    assert value == 7 and caught == []
+    assert notes == ((UserWarning, "a.webm: the header gives 1 frame(s)"), (DeprecationWarning, "old call"))
+    batch = collate([_item(0), Item(torch.zeros(2, 3, 4, 4), 0, 1, notes=notes[:1]), Skipped("b.mp4", "cut")])
+    assert batch.notes == [notes[0]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own rule: once per message and place
+        for _ in range(3):  # three epochs, or three workers, bring the same note
+            show_notes(batch.notes + [notes[1]])
+    assert [(w.category, str(w.message)) for w in caught] == [notes[0], notes[1]]

@@ -155,9 +155,47 @@ def test_shard_plan_splits_ranks_and_keeps_epochs_apart():
     assert tiny.batches(0) == [[0, 1], [2]]  # fewer than two batches: nothing dropped
 
 
+def test_no_more_workers_start_than_batches_or_a_few_per_cpu(monkeypatch):
+    from pks4.engine import loader
+
+    monkeypatch.setattr(loader.os, "cpu_count", lambda: 2)
+    assert loader.useful_workers(0, 5) == 0 and loader.useful_workers(3, 5) == 3 and loader.useful_workers(3, 0) == 0
+    assert loader.useful_workers(8, 2) == 2  # a worker makes whole batches: more would idle
+    with pytest.warns(UserWarning, match="100000 DataLoader workers asked for .* 2 CPUs: starting at most 8"):
+        assert loader.useful_workers(100_000, 50) == 8
+    stream = BatchStream(Slow(8), [[0, 1], [2, 3]], LoaderOptions(workers=6), skip_bad=False, where="test")
+    assert stream.workers == 2
+    assert [b.index.tolist() for b in stream] == [[0, 1], [2, 3]]
+
+
 def test_loader_timeout_is_checked_where_it_is_parsed():
     from pks4.engine.config import ConfigError, load_config
 
     assert load_config(None, []).train.loader_timeout == LoaderOptions().timeout == 600.0
     with pytest.raises(ConfigError, match=r"train.loader_timeout=-1.0; expected seconds >= 0"):
         load_config(None, ["train.loader_timeout=-1"])
+
+
+def test_a_lying_header_is_warned_about_once_per_run_not_per_worker_and_epoch(tmp_path, capfd):
+    """Two workers, two epochs, one video whose header gives 1 frame for 24: the reader of the batches shows the
+    warning once; no worker prints it."""
+    import warnings
+
+    import bad_videos as bv
+
+    from pks4.data.datasets import DataConfig, build_dataset
+
+    liar = bv.webm_with_header_duration(tmp_path / "liar.webm", bv.ramp(24), 24, 0.05)
+    good = bv.webm_with_header_duration(tmp_path / "good.webm", bv.ramp(24), 24, 1.0)
+    (tmp_path / "list.txt").write_text(f"{liar} 0\n{good} 1\n{liar} 0\n{good} 1\n")
+    ds = build_dataset(DataConfig(root=str(tmp_path), train=str(tmp_path / "list.txt"), num_frames=4, size=32,
+                                  short_side=32), "train", train=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own once-per-message rule, as a user's run has it
+        for epoch in range(2):
+            stream = BatchStream(ds, [[0, 1], [2, 3]], LoaderOptions(workers=2), skip_bad=False,
+                                 where=f"epoch {epoch + 1}", seed=epoch)
+            assert len(_indices(stream)) == 4
+    shown = [str(w.message) for w in caught if "liar.webm" in str(w.message)]
+    assert len(shown) == 1 and "holds 24 frames" in shown[0], shown
+    assert "liar.webm" not in capfd.readouterr().err  # the workers kept it as a note

@@ -170,3 +170,57 @@ def test_saved_activations_count_what_autograd_keeps():
     assert expected - 4 * 8 * 16 <= saved_activation_bytes(m, x) <= expected - 4 * 8 * 16 + 128
     m.requires_grad_(False)
     assert saved_activation_bytes(m, x) == 0
+
+
+# ---- inference memory: the estimate (meta device) against a real forward counted the same way ----------------
+class _Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(48, 32), torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = self.a(x.flatten(1))
+        h = torch.tanh(h)
+        return self.b(h)
+
+
+def test_inference_memory_of_a_small_net_by_hand():
+    from pks4.engine.profile import inference_peak_bytes, live_peak_bytes
+
+    # x (8, 1, 3, 4, 4) float32 = 1536 B, held throughout; a(x) 1024 B; tanh 1024 B while a(x) is still alive:
+    # peak 3584 B; then a(x) is freed and b's output (128 B) never reaches that peak. Weights are not counted.
+    assert inference_peak_bytes(_Toy(), frames=1, size=4, batch=8) == 3584
+    assert live_peak_bytes(_Toy(), torch.randn(8, 1, 3, 4, 4)) == 3584
+
+
+@pytest.mark.parametrize("name", ["pks4_vit_tiny", "vit_tiny_avgpool", "vit_tiny_joint", "stadapter_vit_tiny",
+                                  "videomamba_li_micro", "videomamba_park_micro"])
+def test_inference_memory_estimate_equals_a_real_forward(name):
+    from pks4.engine.profile import inference_peak_bytes, live_peak_bytes
+
+    torch.manual_seed(0)
+    model = build_model(name, frames=4, size=32)
+    estimate = inference_peak_bytes(model, 4, 32, 3)
+    assert estimate == live_peak_bytes(model, torch.randn(3, 4, 3, 32, 32))
+    assert inference_peak_bytes(model, 4, 32, 6) > 1.9 * estimate  # activations grow with the clips
+
+
+def test_inference_memory_estimate_allocates_nothing_at_a_huge_size():
+    from pks4.engine.profile import free_memory_bytes, inference_peak_bytes
+
+    model = build_model("pks4_vit_tiny", frames=4, size=32)
+    # 8192 px with patch 8: a million tokens per frame; allocating the estimate would need terabytes
+    assert inference_peak_bytes(model, 4, 8192, 1) > 2**40 > (free_memory_bytes(torch.device("cpu")) or 0)
+
+
+def test_free_memory_is_known_and_the_check_refuses_what_does_not_fit():
+    from pks4.engine.infer import check_memory
+    from pks4.engine.profile import free_memory_bytes
+    from pks4.errors import UserError
+
+    assert free_memory_bytes(torch.device("cpu")) > 0  # /proc/meminfo on Linux
+    model = build_model("pks4_vit_tiny", frames=4, size=32)
+    check_memory(model, 4, 32, 4)  # a few MiB: fits
+    with pytest.raises(UserError, match=r"predict: 2 clips of 4 frames at 8192 px per batch need about .* GiB .* "
+                                        r"is free on cpu; lower the size"):
+        check_memory(model, 4, 8192, 2, where="predict")

@@ -24,17 +24,9 @@ from pks4.engine import checkpoint as ckpt
 from pks4.engine.rundir import (LOCK_FILE, RunDirError, RunLock, atomic_write_text, check_destination,
                                 checkpoint_bytes, prepare_run_dir, run_markers)
 from pks4.errors import user_message
+from run_fixtures import a_run
 
 ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def _a_run(path: Path) -> Path:
-    """What `pks4 train --out path` leaves: its config, its metrics and a checkpoint folder."""
-    (path / "checkpoints" / "step-00000010").mkdir(parents=True)
-    (path / "checkpoints" / "step-00000010" / "model.safetensors").write_bytes(b"weights")
-    (path / "config.yaml").write_text("train: {epochs: 3}\n")
-    (path / "metrics.jsonl").write_text('{"step": 10}\n')
-    return path
 
 
 def _snapshot(path: Path) -> dict[str, bytes]:
@@ -46,7 +38,7 @@ def _snapshot(path: Path) -> dict[str, bytes]:
 
 
 def test_a_folder_holding_a_run_is_refused_and_left_as_it_is(tmp_path):
-    run = _a_run(tmp_path / "run")
+    run = a_run(tmp_path / "run")
     before = _snapshot(run)
     with pytest.raises(RunDirError) as err:
         prepare_run_dir(run)
@@ -59,7 +51,7 @@ def test_a_folder_holding_a_run_is_refused_and_left_as_it_is(tmp_path):
 
 
 def test_resume_continues_the_run_in_place(tmp_path):
-    run = _a_run(tmp_path / "run")
+    run = a_run(tmp_path / "run")
     before = _snapshot(run)
     lock = prepare_run_dir(run, resume="auto")
     assert lock.held and _snapshot(run) == before
@@ -67,7 +59,7 @@ def test_resume_continues_the_run_in_place(tmp_path):
 
 
 def test_overwrite_moves_the_old_run_aside_never_deletes_it(tmp_path):
-    run = _a_run(tmp_path / "run")
+    run = a_run(tmp_path / "run")
     before = _snapshot(run)
     messages = []
     lock = prepare_run_dir(run, overwrite=True, log=messages.append)
@@ -78,7 +70,7 @@ def test_overwrite_moves_the_old_run_aside_never_deletes_it(tmp_path):
     assert any("moved aside to" in m and str(old[0]) in m for m in messages)
     lock.release()
     # a second overwrite (possibly within the same second) finds a free name of its own
-    _a_run(run)
+    a_run(run)
     prepare_run_dir(run, overwrite=True, log=messages.append).release()
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]) == 2
 
@@ -112,7 +104,7 @@ def test_out_naming_a_file_or_a_path_through_a_file(tmp_path):
 
 
 def test_not_enough_free_space_is_refused_before_any_work(tmp_path):
-    with pytest.raises(RunDirError, match=r"GiB free on its disk, a run there needs about .* GiB"):
+    with pytest.raises(RunDirError, match=r"GiB free on its disk, the run directory needs about .* GiB"):
         check_destination(tmp_path / "run", need_bytes=2**62)
     assert checkpoint_bytes(1_000_000, keep_last=2) == 48_000_000  # 12 B per parameter x (2 kept + best + new)
 
@@ -274,3 +266,33 @@ def test_a_failing_checkpoint_write_keeps_the_last_good_checkpoint(tmp_path, wid
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001"]  # no .tmp-* left
     assert ckpt.verify_checkpoint(good)["global_step"] == 1
     assert ckpt.find_latest(run) == good
+
+
+# ----------------------------------------------------------------------- outputs of the other commands
+
+
+def test_an_output_file_is_checked_before_any_work(tmp_path):
+    from pks4.engine.rundir import check_output_file
+
+    assert check_output_file(tmp_path / "new" / "feats.npz", "--out") == tmp_path / "new" / "feats.npz"
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "feats.npz").exists()
+    with pytest.raises(RunDirError, match=r"new: is a folder; --out names the features file to write"):
+        check_output_file(tmp_path / "new", "--out", "features file")
+    (tmp_path / "f.txt").write_text("")
+    with pytest.raises(RunDirError, match=r"f.txt/x.npz: a part of the path is not a directory"):
+        check_output_file(tmp_path / "f.txt" / "x.npz", "--out")
+
+
+def test_only_the_main_rank_guards_and_a_lone_lock_file_is_no_run(tmp_path, monkeypatch):
+    from pks4.engine.rundir import guarded_run_dir
+
+    monkeypatch.setenv("RANK", "1")
+    with guarded_run_dir(tmp_path / "run") as lock:
+        assert lock is None and not (tmp_path / "run").exists()
+    monkeypatch.setenv("RANK", "0")
+    with guarded_run_dir(tmp_path / "run") as lock:
+        assert lock.held
+    assert not lock.held  # released with the block
+    (tmp_path / "demo" / "pks4").mkdir(parents=True)
+    (tmp_path / "demo" / "pks4" / LOCK_FILE).write_text("")
+    assert run_markers(tmp_path / "demo", ("pks4",)) == []  # a folder holding only a lock file is no run

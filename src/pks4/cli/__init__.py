@@ -18,9 +18,10 @@ with typed arguments.
     pks4 data check LIST_OR_DIR | pks4 data synth OUT_DIR [--seed N] [--train-per-class N] [--val-per-class N]
     pks4 models | pks4 profile MODEL | pks4 demo [--out DIR]
 
-Bad input (missing files, unreadable videos, unknown config keys, checkpoints that do not fit) ends with one
-line ``pks4: error: <file or key>: <problem>`` and exit code 2 (:mod:`pks4.errors`); ``--debug`` anywhere on the
-line (or PKS4_DEBUG=1) shows the traceback instead.
+Bad input (missing files, unreadable videos, unknown config keys, checkpoints that do not fit, an option out of
+its range) ends with one line ``pks4: error: <file, key or option>: <problem>`` and exit code 2
+(:mod:`pks4.errors`, :mod:`.checks`); ``--debug`` anywhere on the line (or PKS4_DEBUG=1) shows the traceback
+instead. Commands that write check their destination before the work (:mod:`pks4.engine.rundir`).
 
 Modules: :mod:`.training` (train, pretrain, recipes), :mod:`.evaluation` (eval, predict and the StretchySnake
 protocols), :mod:`.deploy` (export-pretrained, serve, stream), :mod:`.export` (export), :mod:`.tools` (data, models,
@@ -29,17 +30,23 @@ profile, demo). Each registers its sub-commands with ``add_parsers``.
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import sys
 from typing import Sequence
 
 from . import deploy, evaluation, export, tools, training
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "EXIT_READER_GONE"]
+
+EXIT_READER_GONE = 141  # 128 + SIGPIPE: what a shell tool reports when the reader of its output has gone
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every sub-command."""
-    p = argparse.ArgumentParser(prog="pks4", description="Efficient video understanding with PKS4 and SSMs.")
+    from .checks import Parser
+
+    p = Parser(prog="pks4", description="Efficient video understanding with PKS4 and SSMs.")
     p.add_argument("--debug", action="store_true", help="show the traceback of any error (also PKS4_DEBUG=1; "
                    "accepted anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -56,5 +63,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pks4.errors import run_guarded, split_debug_flag
 
     argv, debug = split_debug_flag(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    return run_guarded(lambda: args.func(args), debug=debug)
+
+    def run() -> int:
+        args = build_parser().parse_args(argv)  # a bad command line is a UsageError: one line, exit 2
+        try:
+            return args.func(args)
+        except BrokenPipeError:
+            if not _stdout_reader_gone():
+                raise  # another pipe (a worker's, a socket's): sorted by the boundary
+            # `pks4 predict *.mp4 | head -1`: the reader has what it wanted, so stop quietly as shell tools do;
+            # Python's flush of stdout at exit must not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_READER_GONE
+
+    return run_guarded(run, debug=debug)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end is closed (the poll of a write end reports an error)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor (captured output), no poll on this system
+        return False

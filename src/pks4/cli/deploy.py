@@ -7,12 +7,16 @@ import argparse
 import json
 from typing import Any
 
+from . import checks
+
 __all__ = ["add_parsers"]
 
 
 def _export_pretrained_cmd(args: argparse.Namespace) -> int:
     from pks4.api import VideoClassifier
+    from pks4.engine.rundir import check_destination
 
+    check_destination(args.out, option="OUT", what="model folder", min_free=0)  # before the model is read
     out = VideoClassifier.from_pretrained(args.source, device="cpu").save_pretrained(args.out)
     print(f"wrote {out}/config.json, model.safetensors and README.md")
     return 0
@@ -40,9 +44,13 @@ def _format(pred: dict[str, Any]) -> str:
 def _stream_cmd(args: argparse.Namespace) -> int:
     from pks4.engine.stream import stream_checkpoint
 
-    for pred in stream_checkpoint(args.checkpoint, args.source, topk=args.topk, frame_step=args.frame_step,
-                                  every=args.every, max_frames=args.max_frames, size=args.size,
-                                  device=args.device):
+    from .evaluation import _note_topk
+
+    for n, pred in enumerate(stream_checkpoint(args.checkpoint, args.source, topk=args.topk,
+                                               frame_step=args.frame_step, every=args.every,
+                                               max_frames=args.max_frames, size=args.size, device=args.device)):
+        if n == 0:  # a --topk above the class count shows every class, once said
+            _note_topk(args.topk, [len(pred["topk"])])
         print(json.dumps(pred) if args.json else _format(pred), flush=True)
     return 0
 
@@ -51,14 +59,14 @@ def _add_stream(sub: Any) -> None:
     p = sub.add_parser("stream", help="running prediction of a causal model on a video file or a camera")
     p.add_argument("source", metavar="SOURCE", help="video file, or camera device /dev/videoN (or just N)")
     p.add_argument("--checkpoint", required=True, help="checkpoint file/dir or run dir of a causal model")
-    p.add_argument("--topk", type=int, default=5, help="classes per prediction (default 5)")
-    p.add_argument("--every", type=int, default=1, metavar="N",
+    p.add_argument("--topk", type=checks.integer(1), default=5, help="classes per prediction (default 5)")
+    p.add_argument("--every", type=checks.integer(1), default=1, metavar="N",
                    help="print the prediction every N model frames, and after the last (default 1)")
-    p.add_argument("--frame-step", type=int, default=1, metavar="N",
+    p.add_argument("--frame-step", type=checks.integer(1), default=1, metavar="N",
                    help="feed every N-th decoded frame to the model: the frame rate it was trained at (default 1)")
-    p.add_argument("--max-frames", type=int, metavar="N", help="stop after N model frames (a camera never ends)")
-    p.add_argument("--size", type=int, help="frame size in pixels (default: the run's data.size)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--max-frames", type=checks.integer(1), metavar="N", help="stop after N model frames (a camera never ends)")
+    p.add_argument("--size", type=checks.integer(1), help="frame size in pixels (default: the run's data.size)")
+    p.add_argument("--device", default="auto", type=checks.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--json", action="store_true", help="one JSON object per printed prediction")
     p.set_defaults(func=_stream_cmd)
 
@@ -73,11 +81,11 @@ def add_parsers(sub: Any) -> None:
     sv = sub.add_parser("serve", help="a web page to classify uploaded videos (needs: pip install 'pks4[web]')")
     sv.add_argument("source", metavar="RUN", help="run dir, checkpoint, or a folder from export-pretrained")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=checks.integer(1, 65535), default=8000, help="TCP port (default 8000)")
     sv.add_argument("--examples", help="folder of videos the page offers to pick from")
     sv.add_argument("--window", default="2s", help="timeline window for long videos (frames or seconds)")
     sv.add_argument("--stride", default="1s", help="timeline stride (frames or seconds)")
-    sv.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    sv.add_argument("--device", default="auto", type=checks.device, help="auto | cpu | cuda | cuda:N")
     sv.add_argument("--amp", default="auto", help="auto | fp32 | bf16 | fp16")
     sv.set_defaults(func=_serve_cmd)
     _add_stream(sub)

@@ -5,13 +5,15 @@ import argparse
 import json
 from typing import Any
 
+from . import checks
+
 __all__ = ["add_parsers"]
 
 
 def _data_check_cmd(args: argparse.Namespace) -> int:
     from pks4.data.datasets import DataConfig, check_dataset
 
-    cfg = DataConfig(root=args.root) if args.root else DataConfig()
+    cfg = DataConfig(root=args.root or "", format=args.format)
     report = check_dataset(args.path, cfg)
     print(report.to_text())
     return 0 if report.ok else 1
@@ -19,11 +21,13 @@ def _data_check_cmd(args: argparse.Namespace) -> int:
 
 def _data_synth_cmd(args: argparse.Namespace) -> int:
     from pks4.data.synth import generate_synth
+    from pks4.engine.rundir import check_destination
 
     for flag, value, low in (("--train-per-class", args.train_per_class, 0), ("--val-per-class", args.val_per_class, 0),
                              ("--frames", args.frames, 1), ("--size", args.size, 16)):
         if value < low:
             raise ValueError(f"data synth {flag} {value}: expected at least {low}")
+    check_destination(args.out_dir, option="OUT_DIR", what="dataset folder", min_free=0)  # before any video
     splits = generate_synth(args.out_dir, seed=args.seed, num_train_per_class=args.train_per_class,
                             num_val_per_class=args.val_per_class, num_frames=args.frames, size=args.size)
     print(f"wrote {splits.num_classes} classes to {splits.root}: train list {splits.train}, val list {splits.val}")
@@ -53,9 +57,10 @@ def _models_cmd(args: argparse.Namespace) -> int:
 def _demo_cmd(args: argparse.Namespace) -> int:
     from pks4.engine.demo import load_demo_config, run_demo
 
-    report = run_demo(load_demo_config(args.config, list(args.set or [])), args.out)
+    report = run_demo(load_demo_config(args.config, list(args.set or [])), args.out, resume=args.resume,
+                      overwrite=args.overwrite)
     print(json.dumps(report))
-    return 0
+    return int(report.get("exit_code", 0))
 
 
 def _training_compute_cmd(args: argparse.Namespace, frames: int | None, convention: Any) -> int:
@@ -88,6 +93,12 @@ def _profile_cmd(args: argparse.Namespace) -> int:
         return _training_compute_cmd(args, frames, convention)
     device = "meta" if args.flops_only else args.device
     model = build_model(args.model, frames=frames, size=args.size, num_classes=args.num_classes, device=device)
+    if not args.flops_only:  # the timed forward allocates: refuse first one that would not fit
+        from pks4.engine.infer import check_memory
+        from pks4.engine.profile import native_size
+
+        frames = frames or getattr(getattr(model, "config", None), "num_frames", 8)
+        check_memory(model, frames, args.size or native_size(model), args.batch, chunk=args.batch, where="profile")
     r = profile_model(model, frames=frames, size=args.size, batch=args.batch, views=views, train=args.train,
                       repeats=args.repeats, warmup=args.warmup, convention=convention, timing=not args.flops_only)
     print(json.dumps(r) if args.json else format_profile(r))
@@ -97,35 +108,43 @@ def _profile_cmd(args: argparse.Namespace) -> int:
 def _add_profile(sub: Any) -> None:
     p = sub.add_parser("profile", help="parameters, FLOPs, latency, memory and training compute of a model")
     p.add_argument("model", metavar="MODEL", help="registered model name (see `pks4 models`)")
-    p.add_argument("--frames", type=int, help="frames per view (default: from --views, else the model's)")
-    p.add_argument("--size", type=int, help="input resolution (default: the model's)")
-    p.add_argument("--num-classes", type=int)
-    p.add_argument("--views", default=None, help="FRAMESxCLIPSxCROPS, e.g. 8x2x3 (gflops_total = x clips x crops)")
-    p.add_argument("--batch", type=int, default=1, help="clips per forward pass for latency and memory")
+    p.add_argument("--frames", type=checks.integer(1), help="frames per view (default: from --views, else the "
+                   "model's)")
+    p.add_argument("--size", type=checks.integer(1), help="input resolution (default: the model's)")
+    p.add_argument("--num-classes", type=checks.integer(1))
+    p.add_argument("--views", default=None, type=checks.views,
+                   help="FRAMESxCLIPSxCROPS, e.g. 8x2x3 (gflops_total = x clips x crops)")
+    p.add_argument("--batch", type=checks.integer(1), default=1, help="clips per forward pass for latency and memory")
     p.add_argument("--train", action="store_true", help="also time one training step and its peak memory")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--repeats", type=checks.integer(1), default=5, help="timed repeats (the median is reported)")
+    p.add_argument("--warmup", type=checks.integer(0), default=1)
+    p.add_argument("--device", default="cpu", type=checks.device, help="cpu | cuda | cuda:N")
     p.add_argument("--flops-only", action="store_true", help="skip timing and memory (counts on the meta device)")
     p.add_argument("--no-attention-flops", action="store_true",
                    help="leave attention out of the FLOPs (the convention of PKS4's published GFLOPs)")
     p.add_argument("--no-mamba-inner-flops", action="store_true",
                    help="count only Mamba in/out projections (the convention of VideoMamba's published GFLOPs)")
     p.add_argument("--training-compute", action="store_true", help="print total training EFLOPs instead")
-    p.add_argument("--epochs", type=float, help="training epochs (with --training-compute)")
-    p.add_argument("--dataset-size", type=int, help="training clips per epoch (with --training-compute)")
-    p.add_argument("--flop-multiplier", type=float, default=None,
+    p.add_argument("--epochs", type=checks.number(0, above=True), help="training epochs (with --training-compute)")
+    p.add_argument("--dataset-size", type=checks.integer(1), help="training clips per epoch (with "
+                   "--training-compute)")
+    p.add_argument("--flop-multiplier", type=checks.number(0, above=True), default=None,
                    help="training FLOPs per clip = this x forward FLOPs (default 6, PKS4 Table 2)")
-    p.add_argument("--visible-fraction", type=float, default=1.0, help="masked pretraining: fraction of tokens seen")
+    p.add_argument("--visible-fraction", type=checks.number(0, above=True, high=1), default=1.0,
+                   help="masked pretraining: fraction of tokens seen, in (0, 1]")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_profile_cmd)
 
 
 def _add_data(sub: Any) -> None:
+    from pks4.data.datasets import dataset_formats  # noqa: PLC0415
+
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     chk = data.add_parser("check", help="verify a list file or folder before training")
     chk.add_argument("path", metavar="LIST_OR_DIR")
     chk.add_argument("--root", help="root the list's paths are relative to")
+    chk.add_argument("--format", default="auto", choices=dataset_formats(),
+                     help="annotation format (default auto: detected, and the choice is printed)")
     chk.set_defaults(func=_data_check_cmd)
     syn = data.add_parser("synth", help="write the built-in temporal benchmark")
     syn.add_argument("out_dir", metavar="OUT_DIR")
@@ -146,4 +165,7 @@ def add_parsers(sub: Any) -> None:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--config", help="demo preset YAML (default: the packaged demo.yaml)")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset key")
+    demo.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
+    demo.add_argument("--overwrite", action="store_true", help="move an earlier demo in --out aside (nothing is "
+                      "deleted) and start afresh")
     demo.set_defaults(func=_demo_cmd)

@@ -15,6 +15,7 @@ _TRAIN_FLAGS = {
     "frames": ("data.num_frames", int), "size": ("data.size", int), "epochs": ("train.epochs", int),
     "batch_size": ("train.batch_size", int), "lr": ("optim.lr", float), "device": ("train.device", str),
     "workers": ("train.num_workers", int), "amp": ("train.amp", str), "seed": ("train.seed", int),
+    "data_format": ("data.format", str),
 }
 
 
@@ -83,7 +84,7 @@ def _run(args: argparse.Namespace, sets: list[str], load: Callable[..., Any], ru
     if args.out:
         sets.append(f"out={args.out}")
     config = recipe_path(args.config) if args.config else None
-    result = run(load(config, sets + list(args.set or [])), resume=args.resume)
+    result = run(load(config, sets + list(args.set or [])), resume=args.resume, overwrite=args.overwrite)
     print(f"{result.status}: {result.global_step} steps, {summary(result)}; run dir {result.run_dir}")
     return result.exit_code
 
@@ -115,6 +116,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--out", help="run directory (config key `out`)")
     p.add_argument("--resume", help="'auto' (latest valid checkpoint in --out) or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true", help="--out holds an earlier run: move it aside to "
+                   "OUT.old-<date>-<time> (nothing is deleted) and start afresh")
 
 
 def add_parsers(sub: Any) -> None:

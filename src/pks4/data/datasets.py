@@ -26,8 +26,10 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from pks4.errors import describe_os_error, file_kind
+
 from .flex_sampler import data_config_at
-from .items import Item, Skipped
+from .items import Item, Skipped, noted
 from .sampling import ViewSpec, dense_indices, rng_from_torch, segment_indices
 from .transforms import CLIP_MEAN, CLIP_STD, EvalTransform, FLIP_MODES, TrainTransform, parse_rand_augment
 from .video import DataError, VideoError, probe_video, read_raw_frames, read_sampled
@@ -42,6 +44,9 @@ __all__ = [
     "register_format",
     "dataset_formats",
     "build_dataset",
+    "resolved_paths",
+    "guess_format",
+    "MAX_IMPLIED_CLASSES",
     "load_video_views",
     "read_class_names",
     "CheckReport",
@@ -52,6 +57,9 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpe
 _HEADER_WORDS = {"path", "label", "video", "filename", "file", "class", "class_id", "label_id", "total_frames",
                  "frames", "name", "id"}
 _MAX_LISTED = 20  # problems shown per error message; the count of the rest follows
+# Without a class-names file or model.num_classes, numeric labels imply largest + 1 classes; beyond this many
+# (ImageNet-21k has 21,841; the largest video label sets a few thousand) a label is taken for a typo.
+MAX_IMPLIED_CLASSES = 100_000
 # Videos decoded under DataConfig.cache_decoded, shared by every dataset of the process (the demo trains two
 # models on the same files: each is decoded once). The key holds size and modification time, so a file rewritten
 # in place is decoded again. Cleared by clear_decoded_cache().
@@ -158,6 +166,7 @@ class Parsed:
     lines: list[str] = field(default_factory=list)
     classes: list[str] | None = None
     errors: list[str] = field(default_factory=list)
+    note: str = ""  # what format: auto chose and why
 
 
 # ----------------------------------------------------------------------------------------------- class names
@@ -165,15 +174,13 @@ class Parsed:
 
 def read_class_names(path: str | os.PathLike) -> list[str]:
     """Class names from a file: one name per line, ``id name`` lines, or an SSV2-style ``labels.json``."""
-    p = Path(path)
-    if not p.is_file():
-        raise DatasetError(p, "class-names file not found")
+    p = _require_file(Path(path), "class-names file")
     if p.suffix.lower() == ".json":
         data = _read_json(p)
         if not isinstance(data, dict):
             raise DatasetError(p, "expected a JSON object {class name: id} (the SSV2 labels.json layout)")
-        return _names_from_ids(p, {int(v): k for k, v in data.items()}, len(data))
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        return _names_from_ids(p, {_class_id(p, k, v): k for k, v in data.items()}, len(data))
+    lines = [ln.strip() for ln in _read_lines(p, "class-names file") if ln.strip()]
     if not lines:
         raise DatasetError(p, "class-names file is empty")
     pairs = [ln.split(maxsplit=1) for ln in lines]
@@ -182,13 +189,24 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     return lines
 
 
+def _class_id(p: Path, name: str, value: object) -> int:
+    """The id of class ``name`` in a labels.json: an integer, or a string of digits (SSV2 writes "0")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\d+", value.strip()):
+        return int(value)
+    raise DatasetError(p, f"class {name!r}: id {value!r} is not an integer (expected {{class name: id}}, "
+                          "ids 0, 1, 2, ... as numbers or strings of digits)")
+
+
 def _names_from_ids(p: Path, by_id: dict[int, str], count: int) -> list[str]:
     if len(by_id) != count or sorted(by_id) != list(range(count)):
         raise DatasetError(p, f"class ids must be 0..{count - 1} without gaps or repeats, got {sorted(by_id)[:10]}...")
     return [by_id[i] for i in range(count)]
 
 
-def _read_json(p: Path):
+def _read_json(p: Path, what: str = "annotation file"):
+    _require_file(p, what)
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -198,11 +216,9 @@ def _read_json(p: Path):
 def _read_flip_pairs(path: str, classes: list[str]) -> dict[int, int]:
     """Symmetric label map from lines ``a b`` (class names or ids)."""
     p = Path(path)
-    if not p.is_file():
-        raise DatasetError(p, "flip-pairs file not found (needed for flip='swap')")
     index = {name: i for i, name in enumerate(classes)}
     table: dict[int, int] = {}
-    for n, ln in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, ln in enumerate(_read_lines(p, "flip-pairs file (needed for flip='swap')"), 1):
         if not ln.strip() or ln.lstrip().startswith("#"):
             continue
         parts = [x.strip() for x in (ln.split(",") if "," in ln else ln.split())]
@@ -235,11 +251,22 @@ def _parse_int(text: str, what: str, errors: list[str], where: str) -> int | Non
     return None
 
 
+_INT = re.compile(r"\s*[+-]?\d+\s*")
+
+
 def _split_line(line: str, n_fields: int) -> list[str]:
-    # Split from the right so paths may contain spaces (or commas, in space-separated files).
-    if "," in line and len(line.rsplit(",", n_fields - 1)) == n_fields:
-        return [x.strip() for x in line.rsplit(",", n_fields - 1)]
-    return line.rsplit(maxsplit=n_fields - 1)
+    """``line`` cut into ``n_fields`` fields, from the right so that a path keeps its spaces or commas.
+
+    A line may be comma- or space-separated, and a path may hold the other separator (``my,clip.mp4 3``;
+    ``my clip.mp4,3``). The comma reading is taken when its numeric fields (all but the path) are integers, else
+    the space reading; when neither reads, the one with the right number of fields (for the error message).
+    """
+    by_comma = [x.strip() for x in line.rsplit(",", n_fields - 1)] if "," in line else []
+    by_space = line.rsplit(maxsplit=n_fields - 1)
+    for parts in (by_comma, by_space):
+        if len(parts) == n_fields and all(_INT.fullmatch(x) for x in parts[1:]):
+            return parts
+    return by_comma if len(by_comma) == n_fields else by_space
 
 
 def parse_list(p: Path, root: Path, cfg: DataConfig, classes: list[str] | None) -> Parsed:
@@ -277,24 +304,39 @@ def _parse_lines(p: Path, root: Path, rawframes: bool) -> Parsed:
     return out
 
 
-def _read_lines(p: Path) -> list[str]:
-    if not p.is_file():
-        raise DatasetError(p, "annotation file not found")
+def _require_file(p: Path, what: str) -> Path:
+    """``p`` if it is a regular file; else a DatasetError saying what it is instead (a FIFO would block, a
+    folder or device is a mistake), with a hint for a relative path that is not found from here."""
+    try:
+        kind = file_kind(p.stat().st_mode)
+    except FileNotFoundError:
+        here = "" if p.is_absolute() else f" (a relative path, looked up from {Path.cwd()})"
+        raise DatasetError(p, f"{what} not found{here}") from None
+    except OSError as exc:
+        raise DatasetError(p, f"{what}: {describe_os_error(exc, path=False)}") from None
+    if kind is not None:
+        raise DatasetError(p, f"is {kind}, not a regular file (expected the {what})")
+    return p
+
+
+def _read_lines(p: Path, what: str = "annotation file") -> list[str]:
+    _require_file(p, what)
     try:
         return p.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise DatasetError(p, f"not a UTF-8 text file ({e}); is this a video passed as a list?") from e
+    except OSError as exc:
+        raise DatasetError(p, f"{what}: {describe_os_error(exc, path=False)}") from None
 
 
 def parse_ssv2(p: Path, root: Path, cfg: DataConfig, classes: list[str] | None) -> Parsed:
     """Official SSV2 ``something-something-v2-{train,validation}.json`` + ``labels.json``; videos ``<id>.webm``."""
     labels_file = _resolve(cfg.labels, cfg) if cfg.labels else p.parent / "labels.json"
-    if not labels_file.is_file():
+    if not labels_file.exists():
         raise DatasetError(p, f"SSV2 needs its labels.json (looked for {labels_file}); set the labels path")
-    mapping = _read_json(labels_file)
-    if not isinstance(mapping, dict):
-        raise DatasetError(labels_file, "expected the SSV2 labels.json object {template: id}")
-    out = Parsed(p, "ssv2", classes=read_class_names(labels_file))
+    names = read_class_names(labels_file)  # checks the {template: id} object and its ids
+    index = {name: i for i, name in enumerate(names)}
+    out = Parsed(p, "ssv2", classes=names)
     entries = _read_json(p)
     if not isinstance(entries, list):
         raise DatasetError(p, "expected a JSON list of {'id', 'template', ...} entries (SSV2 layout)")
@@ -303,12 +345,17 @@ def parse_ssv2(p: Path, root: Path, cfg: DataConfig, classes: list[str] | None) 
         if not isinstance(entry, dict) or "id" not in entry or "template" not in entry:
             out.errors.append(f"{where}: needs 'id' and 'template' keys (test-set files have no labels)")
             continue
-        name = entry["template"].replace("[", "").replace("]", "")
-        if name not in mapping:
-            out.errors.append(f"{where} (id {entry['id']}): template {name!r} not in {labels_file.name}")
+        video_id, template = entry["id"], entry["template"]
+        if isinstance(video_id, bool) or not isinstance(video_id, (str, int)) or not isinstance(template, str):
+            out.errors.append(f"{where}: 'id' must be a string or an integer and 'template' a string, got "
+                              f"id {video_id!r}, template {template!r}")
             continue
-        out.samples.append(Sample(_find_video(root, [str(entry["id"])]), int(mapping[name])))
-        out.lines.append(f"{where} (id {entry['id']})")
+        name = template.replace("[", "").replace("]", "")
+        if name not in index:
+            out.errors.append(f"{where} (id {video_id}): template {name!r} not in {labels_file.name}")
+            continue
+        out.samples.append(Sample(_find_video(root, [str(video_id)]), index[name]))
+        out.lines.append(f"{where} (id {video_id})")
     return out
 
 
@@ -361,7 +408,8 @@ def parse_folder(d: Path, root: Path, cfg: DataConfig, classes: list[str] | None
     """``<class>/<video>`` trees; classes are the sorted sub-folder names (of the training folder)."""
     if not d.is_dir():
         raise DatasetError(d, "dataset folder not found")
-    names = classes if classes is not None else sorted(x.name for x in d.iterdir() if x.is_dir())
+    names = classes if classes is not None else sorted(x.name for x in d.iterdir() if x.is_dir()
+                                                       and not _hidden(x.name))
     if not names:
         raise DatasetError(d, "no class sub-folders found; expected <root>/<class name>/<video files>")
     out = Parsed(d, "folder", classes=names)
@@ -370,38 +418,54 @@ def parse_folder(d: Path, root: Path, cfg: DataConfig, classes: list[str] | None
         if not sub.is_dir():
             continue
         for f in sorted(sub.rglob("*")):
-            if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES:
+            if f.suffix.lower() in VIDEO_SUFFIXES and not any(map(_hidden, f.relative_to(sub).parts)) \
+                    and f.is_file():
                 out.samples.append(Sample(str(f), label))
-                out.lines.append(f"{name}/{f.name}")
+                out.lines.append(f"{name}/{f.relative_to(sub)}")
     return out
 
 
-def _is_k400(p: Path, head: list[str], root: Path) -> bool:
-    return bool(head) and {"youtube_id", "label"} <= {x.strip() for x in head[0].split(",")}
+def _hidden(name: str) -> bool:
+    """Dot-names are tools' leftovers, never classes or clips: .ipynb_checkpoints, .DS_Store, macOS's ._clip.mp4."""
+    return name.startswith(".")
 
 
-def _is_rawframes(p: Path, head: list[str], root: Path) -> bool:
-    """``folder total_frames label`` lines whose folders are there. A ``path label`` list whose paths end in a
-    number reads the same (``v0 1 0``), so the folders on disk decide; while they are missing, say
-    ``format: rawframes``."""
+def _is_k400(p: Path, head: list[str], root: Path) -> str | bool:
+    if head and {"youtube_id", "label"} <= {x.strip() for x in head[0].split(",")}:
+        return "its header names the Kinetics csv columns (label, youtube_id, time_start, time_end)"
+    return False
+
+
+def _rawframes_rows(head: list[str]) -> list[list[str]]:
+    """The first lines as ``folder total_frames label`` rows, or [] when they do not all read so."""
     data = head[1:] if head and _HEADER_WORDS & set(re.split(r"[,\s]+", head[0].lower())) else head
     three = [_split_line(ln.strip(), 3) for ln in data[:10]]
     if not three or not all(len(q) == 3 and q[1].isdigit() and q[2].isdigit() for q in three):
-        return False
-    return any((root / q[0]).is_dir() for q in three)
+        return []
+    return three
+
+
+def _is_rawframes(p: Path, head: list[str], root: Path) -> str | bool:
+    """``folder total_frames label`` lines whose folders are there. A ``path label`` list whose paths end in a
+    number reads the same (``v0 1 0``), so the folders on disk decide; while they are missing, say
+    ``format: rawframes``."""
+    if any((root / q[0]).is_dir() for q in _rawframes_rows(head)):
+        return "lines of '<folder> <total_frames> <label>' whose frame folders exist"
+    return False
 
 
 # ------------------------------------------------------------------------------------------ the registry
 
 FormatParser = Callable[[Path, Path, DataConfig, "list[str] | None"], Parsed]
-FormatDetector = Callable[[Path, "list[str]", Path], bool]
+# A detector says whether a file is in its format: False, or True / the reason (a string) shown to the user.
+FormatDetector = Callable[[Path, "list[str]", Path], "bool | str"]
 
 
 @dataclass(frozen=True)
 class DatasetFormat:
     """A registered annotation format: ``parse(source, root, cfg, classes)`` and, for ``format: auto``, an
     optional ``detect(source, head, root)`` (``head``: the first non-comment lines of a file, [] for a folder;
-    ``root``: what the listed paths are relative to)."""
+    ``root``: what the listed paths are relative to) returning False, or True or why it matched."""
 
     name: str
     parse: FormatParser
@@ -424,17 +488,27 @@ def dataset_formats() -> tuple[str, ...]:
     return ("auto", *_FORMATS)
 
 
-register_format("folder", parse_folder, detect=lambda p, head, root: p.is_dir())
-register_format("ssv2", parse_ssv2, detect=lambda p, head, root: p.suffix.lower() == ".json")
+register_format("folder", parse_folder, detect=lambda p, head, root: p.is_dir() and "a folder: one sub-folder per class")
+register_format("ssv2", parse_ssv2,
+                detect=lambda p, head, root: p.suffix.lower() == ".json" and "a .json file (the SSV2 annotations)")
 register_format("k400", parse_k400, detect=_is_k400)
 register_format("rawframes", parse_rawframes, detect=_is_rawframes)
 register_format("list", parse_list)
 
 
-def _guess_format(p: Path, root: Path) -> str:
+def guess_format(p: Path, root: Path) -> tuple[str, str]:
+    """What ``format: auto`` reads ``p`` as, and why (the reason shown to the user)."""
     head = [] if p.is_dir() or p.suffix.lower() == ".json" else \
         [ln for ln in _read_lines(p)[:20] if ln.strip() and not ln.lstrip().startswith("#")]
-    return next((f.name for f in _FORMATS.values() if f.detect is not None and f.detect(p, head, root)), "list")
+    for fmt in _FORMATS.values():
+        found = fmt.detect(p, head, root) if fmt.detect is not None else False
+        if found:
+            return fmt.name, found if isinstance(found, str) else f"its {fmt.name!r} detector matched"
+    why = "no other format matched: lines of '<path> <label>'"
+    if _rawframes_rows(head):
+        why += (f"; they also read as '<folder> <total_frames> <label>', but none of those folders is under {root}: "
+                "for raw frames set data.format=rawframes")
+    return "list", why
 
 
 # -------------------------------------------------------------------------------------------- building
@@ -445,6 +519,20 @@ def _resolve(path: str, cfg: DataConfig) -> Path:
     if not p.exists() and cfg.root and not p.is_absolute() and (Path(cfg.root) / p).exists():
         return Path(cfg.root) / p
     return p
+
+
+def resolved_paths(cfg: DataConfig) -> DataConfig:
+    """``cfg`` with its root and files (lists, class names, flip pairs) as absolute paths, each found the way the
+    dataset finds it (as given, else under ``root``): what a run stores, so that its checkpoints can be evaluated
+    from any folder. A path not found anywhere is left as given (building the dataset names it)."""
+    found = {}
+    for key in ("train", "val", "labels", "flip_pairs"):
+        value = getattr(cfg, key)
+        path = _resolve(value, cfg) if value else None
+        if path is not None and (path.exists() or path.is_symlink()):
+            found[key] = os.path.abspath(path)
+    root = os.path.abspath(cfg.root) if cfg.root else ""
+    return replace(cfg, root=root, **found)
 
 
 def _split_source(cfg: DataConfig, split: str) -> Path:
@@ -461,11 +549,25 @@ def _split_source(cfg: DataConfig, split: str) -> Path:
 
 def _parse(source: Path, cfg: DataConfig, classes: list[str] | None) -> Parsed:
     root = Path(cfg.root) if cfg.root else (source if source.is_dir() else source.parent)
-    fmt = cfg.format if cfg.format != "auto" else _guess_format(source, root)
-    return _FORMATS[fmt].parse(source, root, cfg, classes)
+    if cfg.format != "auto":
+        return _FORMATS[cfg.format].parse(source, root, cfg, classes)
+    fmt, why = guess_format(source, root)
+    parsed = _FORMATS[fmt].parse(source, root, cfg, classes)
+    parsed.note = f"{source}: read as {fmt!r} ({why}); data.format (--data-format) sets the format"
+    return parsed
 
 
-def _known_classes(cfg: DataConfig, split: str) -> list[str] | None:
+def _implied_classes(parsed: Parsed, num_classes: int | None) -> list[str]:
+    """Class names of annotations that give numbers only: ``num_classes`` of them when known, else the largest
+    label + 1 -- ignoring labels past MAX_IMPLIED_CLASSES, which :func:`_check_labels` names as out of range
+    (a typo like 4294967296 must be a message, not an allocation sized by it)."""
+    if num_classes is not None:
+        return [str(i) for i in range(num_classes)]
+    plausible = [s.label for s in parsed.samples if s.label < MAX_IMPLIED_CLASSES]
+    return [str(i) for i in range(max(plausible, default=-1) + 1)]
+
+
+def _known_classes(cfg: DataConfig, split: str, num_classes: int | None) -> list[str] | None:
     """Class names shared by both splits: the labels file, else derived from the training annotations."""
     if cfg.labels:
         return read_class_names(_resolve(cfg.labels, cfg))
@@ -474,17 +576,22 @@ def _known_classes(cfg: DataConfig, split: str) -> list[str] | None:
         if train.classes is not None:
             return train.classes
         if train.samples:
-            return [str(i) for i in range(max(s.label for s in train.samples) + 1)]
+            return _implied_classes(train, num_classes)
     return None
 
 
-def _check_labels(parsed: Parsed, classes: list[str] | None) -> None:
+def _check_labels(parsed: Parsed, classes: list[str] | None, implied: bool = False) -> None:
+    """Every label in [0, len(classes)); ``implied``: the classes were derived from the labels themselves."""
     if not parsed.samples and not parsed.errors:
         parsed.errors.append("no samples found (empty list)")
     if classes is None:
         return
     for s, where in zip(parsed.samples, parsed.lines):
-        if s.label >= len(classes):
+        if implied and s.label >= MAX_IMPLIED_CLASSES:
+            parsed.errors.append(f"{where}: label {s.label} is too large to be a class index (a typo? without a "
+                                 "class-names file (data.labels) or model.num_classes the class count is the "
+                                 f"largest label + 1, at most {MAX_IMPLIED_CLASSES:,})")
+        elif s.label >= len(classes):
             parsed.errors.append(f"{where}: label {s.label} out of range for {len(classes)} classes")
 
 
@@ -504,37 +611,50 @@ def _duplicates(samples: Sequence[Sample], lines: Sequence[str]) -> list[str]:
     return out
 
 
-def build_dataset(cfg: DataConfig, split: str, *, train: bool, views: ViewSpec | None = None) -> "VideoDataset":
+def build_dataset(cfg: DataConfig, split: str, *, train: bool, views: ViewSpec | None = None,
+                  classes: Sequence[str] | None = None, num_classes: int | None = None,
+                  log: Callable[[str], None] | None = None) -> "VideoDataset":
     """Parse the ``split`` ("train" | "val") annotations of ``cfg`` and return a VideoDataset.
 
-    Raises DatasetError naming the annotation file and line numbers for bad labels, an empty list, or missing
-    videos (all listed at once). With ``cfg.skip_bad_videos`` missing videos are dropped with a warning.
+    ``classes`` fixes the label space (a checkpoint's class names); else it comes from ``cfg.labels``, the
+    annotations, or, for annotations that give numbers only, ``num_classes`` (``model.num_classes``) or the
+    largest label + 1. ``log`` hears what ``format: auto`` chose and why.
+
+    Raises DatasetError naming the annotation file and line numbers for bad labels (outside [0, classes)), an
+    empty list, or missing videos (all listed at once). With ``cfg.skip_bad_videos`` missing videos are dropped
+    with a warning.
     """
     source = _split_source(cfg, split)
-    classes = _known_classes(cfg, split)
-    parsed = _parse(source, cfg, classes)
-    classes = classes if classes is not None else parsed.classes
-    if classes is None and parsed.samples:
-        classes = [str(i) for i in range(max(s.label for s in parsed.samples) + 1)]
-    _check_labels(parsed, classes)
+    known = list(classes) if classes is not None else _known_classes(cfg, split, num_classes)
+    parsed = _parse(source, cfg, known)
+    if log is not None and parsed.note:
+        log(parsed.note)
+    names = known if known is not None else parsed.classes
+    implied = names is None and num_classes is None
+    names = names if names is not None else _implied_classes(parsed, num_classes)
+    _check_labels(parsed, names, implied)
     if parsed.errors:
         raise DatasetError(source, f"{len(parsed.errors)} problem(s) in the {parsed.format} annotations:"
                                    + _listed(parsed.errors))
-    missing = _missing(parsed.samples, parsed.lines)
-    bad: list[tuple[str, str]] = []
-    if missing and not cfg.skip_bad_videos:
-        raise DatasetError(source, f"{len(missing)} of {len(parsed.samples)} listed videos are missing "
-                                   f"(root {cfg.root or source.parent}):" + _listed(missing))
-    samples = parsed.samples
-    if missing:
-        warnings.warn(f"{source}: skipping {len(missing)} missing videos", stacklevel=2)
-        gone = {m.split(": ", 1)[1] for m in missing}
-        bad = [(p, "missing") for p in sorted(gone)]
-        samples = [s for s in samples if s.path not in gone]
+    samples, bad = _drop_missing(parsed, cfg, source)
     if cfg.flip == "swap" and train and not cfg.flip_pairs:
         raise DatasetError(source, "flip='swap' needs DataConfig.flip_pairs (a file of 'class_a class_b' lines)")
-    flip_pairs = _read_flip_pairs(str(_resolve(cfg.flip_pairs, cfg)), classes) if cfg.flip == "swap" and train else {}
-    return VideoDataset(samples, classes, cfg, train=train, views=views, flip_pairs=flip_pairs, bad=bad)
+    flip_pairs = _read_flip_pairs(str(_resolve(cfg.flip_pairs, cfg)), names) if cfg.flip == "swap" and train else {}
+    return VideoDataset(samples, names, cfg, train=train, views=views, flip_pairs=flip_pairs, bad=bad)
+
+
+def _drop_missing(parsed: Parsed, cfg: DataConfig, source: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """The samples whose files exist and the missing ones as (path, "missing"); an error naming them all unless
+    ``cfg.skip_bad_videos``."""
+    missing = _missing(parsed.samples, parsed.lines)
+    if not missing:
+        return parsed.samples, []
+    if not cfg.skip_bad_videos:
+        raise DatasetError(source, f"{len(missing)} of {len(parsed.samples)} listed videos are missing "
+                                   f"(root {cfg.root or source.parent}):" + _listed(missing))
+    warnings.warn(f"{source}: skipping {len(missing)} missing videos", stacklevel=3)
+    gone = {m.split(": ", 1)[1] for m in missing}
+    return [s for s in parsed.samples if s.path not in gone], [(p, "missing") for p in sorted(gone)]
 
 
 # -------------------------------------------------------------------------------------------- the dataset
@@ -617,7 +737,7 @@ class VideoDataset(Dataset):
     def __getitem__(self, i: int) -> Item | Skipped:
         sample = self.samples[i]
         try:
-            video, label = self._load(sample)
+            (video, label), notes = noted(lambda: self._load(sample))
         except Exception as exc:  # noqa: BLE001 - becomes a Skipped naming the file, or is re-raised
             if not (isinstance(exc, DataError) or self.cfg.skip_bad_videos):
                 raise
@@ -626,7 +746,7 @@ class VideoDataset(Dataset):
                 self.bad.append((skipped.path, skipped.reason))
                 warnings.warn(f"skipping unreadable video: {skipped}", stacklevel=2)
             return skipped
-        return Item(video, label, i)
+        return Item(video, label, i, notes=notes)
 
     def with_shape(self, frames: int, size: int) -> "VideoDataset":
         """The same samples loaded as ``frames`` x ``size`` clips, with the same field of view
@@ -694,6 +814,7 @@ class CheckReport:
     duplicates: list[str] = field(default_factory=list)  # repeated entries (reported, not an error)
     # videos whose header disagrees with their packets (path, how): read from the frames that exist, not an error
     mismatched: list[tuple[str, str]] = field(default_factory=list)
+    note: str = ""  # what format: auto chose and why
 
     @property
     def num_samples(self) -> int:
@@ -707,6 +828,8 @@ class CheckReport:
 
     def to_text(self) -> str:
         out = [f"{self.source} ({self.format}): {self.num_samples} videos, {len(self.classes)} classes"]
+        if self.note:
+            out.append(f"  format: {self.note.removeprefix(f'{self.source}: ')}")
         if self.counts:
             lo, hi = min(self.counts.values()), max(self.counts.values())
             empty = [c for c, n in self.counts.items() if n == 0]
@@ -744,12 +867,13 @@ def check_dataset(path_or_dir: str | os.PathLike, cfg: DataConfig, *, max_videos
     except DatasetError as e:
         return CheckReport(str(source), cfg.format, classes or [], {}, errors=[e.message])
     classes = classes if classes is not None else parsed.classes
+    implied = classes is None
     if classes is None:
-        classes = [str(i) for i in range(max((s.label for s in parsed.samples), default=-1) + 1)]
-    _check_labels(parsed, classes)
+        classes = _implied_classes(parsed, None)
+    _check_labels(parsed, classes, implied)
     report = CheckReport(str(source), parsed.format, classes, {c: 0 for c in classes}, errors=list(parsed.errors),
                          missing=_missing(parsed.samples, parsed.lines), skip_bad_videos=cfg.skip_bad_videos,
-                         duplicates=_duplicates(parsed.samples, parsed.lines))
+                         duplicates=_duplicates(parsed.samples, parsed.lines), note=parsed.note)
     gone = {m.split(": ", 1)[1] for m in report.missing}
     for s in parsed.samples:
         if s.label < len(classes):

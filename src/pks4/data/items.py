@@ -7,12 +7,15 @@ the items, lists the skipped files, and keeps the shape of a flexible (StretchyS
 file is an error or a note is decided once, by whoever reads the batches (:meth:`Batch.raise_skipped`).
 
 A ``Skipped`` is a value, not an exception, so it crosses DataLoader worker processes as one clear line
-instead of an exception re-raised inside a worker traceback.
+instead of an exception re-raised inside a worker traceback. For the same reason an item carries the warnings
+made while loading it (a video whose header disagrees with its frames) as ``notes``: shown by a worker, they would
+repeat in every worker of every epoch; shown by the reader of the batches (:func:`show_notes`), each shows once.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -23,10 +26,29 @@ from .video import DataError
 if TYPE_CHECKING:  # the sampler module imports this one
     from .flex_sampler import FlexShape
 
-__all__ = ["Item", "Skipped", "Batch", "collate", "SKIP_HINT"]
+__all__ = ["Item", "Skipped", "Batch", "collate", "SKIP_HINT", "Note", "noted", "show_notes"]
 
 # What every "unreadable video" error ends with: the two ways out.
 SKIP_HINT = "fix or remove it, or set --skip-bad-videos (data.skip_bad_videos=true) to skip unreadable videos"
+
+
+T = TypeVar("T")
+Note = tuple[type, str]  # a warning made while loading an item: (category, message)
+
+
+def noted(load: Callable[[], T]) -> tuple[T, tuple[Note, ...]]:
+    """``load()`` and the warnings it made, kept as notes instead of shown (see the module docstring)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = load()
+    return value, tuple((w.category, str(w.message)) for w in caught)
+
+
+def show_notes(notes: Sequence[Note]) -> None:
+    """Show the notes of a batch as warnings, from one line of code: Python's default filter then shows each
+    message once per process, whichever worker and epoch made it."""
+    for category, text in notes:
+        warnings.warn(text, category, stacklevel=2)
 
 
 @dataclass
@@ -34,7 +56,8 @@ class Item:
     """One clip: ``video`` (T, 3, H, W), or (V, T, 3, H, W) test views; its class and dataset index.
 
     ``shape`` is the (T, H, patch, grid) a flexible batch was sampled at (None outside flexible training);
-    ``extra`` carries what other tasks read beside the clip (e.g. a caption), collated key by key.
+    ``extra`` carries what other tasks read beside the clip (e.g. a caption), collated key by key; ``notes`` the
+    warnings made while loading it (:func:`noted`).
     """
 
     video: Tensor
@@ -42,6 +65,7 @@ class Item:
     index: int
     shape: "FlexShape | None" = None
     extra: dict[str, Any] = field(default_factory=dict)
+    notes: tuple[Note, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,7 +84,7 @@ class Batch:
     """Stacked items plus the files skipped while making them.
 
     ``video`` / ``label`` / ``index`` are None when every item of the batch was skipped; ``shape`` is the one
-    flexible shape of the batch (None outside flexible training).
+    flexible shape of the batch (None outside flexible training); ``notes`` its items' warnings.
     """
 
     video: Tensor | None
@@ -69,6 +93,7 @@ class Batch:
     skipped: list[Skipped] = field(default_factory=list)
     shape: "FlexShape | None" = None
     extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[Note] = field(default_factory=list)
 
     def __len__(self) -> int:
         return 0 if self.label is None else len(self.label)
@@ -104,4 +129,4 @@ def collate(items: Sequence[Item | Skipped]) -> Batch:
     return Batch(video=torch.stack([it.video for it in kept]),
                  label=torch.tensor([it.label for it in kept], dtype=torch.long),
                  index=torch.tensor([it.index for it in kept], dtype=torch.long),
-                 skipped=skipped, shape=shapes.pop(), extra=extra)
+                 skipped=skipped, shape=shapes.pop(), extra=extra, notes=[n for it in kept for n in it.notes])

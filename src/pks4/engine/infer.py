@@ -24,13 +24,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pks4.data.items import Batch
+from pks4.data.items import Batch, Item, Skipped, collate, noted, show_notes
+from pks4.errors import UserError
 
 __all__ = [
     "EvalOutput", "aggregate_views", "run_views", "embed_views", "topk_accuracy", "mean_class_accuracy",
     "confusion_matrix", "compute_metrics", "save_confusion_matrix", "evaluate", "predict_videos", "topk_labels",
     "evaluate_checkpoint", "predict_checkpoint", "AMP_CHOICES", "resolve_amp", "progress_bar", "clip_views",
-    "frames_to_views", "video_scores", "DEFAULT_BATCH",
+    "frames_to_views", "video_scores", "score_videos", "Scores", "DEFAULT_BATCH", "check_memory",
 ]
 
 AMP_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -268,9 +269,9 @@ def frames_to_views(frames: torch.Tensor, spec: Any, size: int, data_cfg: Any) -
 
 
 class _VideoViews(Dataset):
-    """Videos (file paths, or uint8 frames (L, H, W, 3)) -> test views; a bad file yields its message, which the
-    main process raises again (an error raised inside a DataLoader worker loses its type and comes back as a
-    traceback)."""
+    """Videos (file paths, or uint8 frames (L, H, W, 3)) -> :class:`~pks4.data.items.Item` test views, or a
+    :class:`~pks4.data.items.Skipped` naming a file that cannot be read (a value, so it crosses worker processes
+    as one clear line; the reader decides whether it ends the run)."""
 
     def __init__(self, videos: Sequence[Any], spec: Any, size: int, data_cfg: Any) -> None:
         self.videos, self.spec, self.size, self.cfg = list(videos), spec, size, data_cfg
@@ -278,77 +279,131 @@ class _VideoViews(Dataset):
     def __len__(self) -> int:
         return len(self.videos)
 
-    def __getitem__(self, i: int) -> torch.Tensor | str:
+    def __getitem__(self, i: int) -> Item | Skipped:
         from pks4.data.datasets import load_video_views
-        from pks4.data.video import DataError
+        from pks4.data.video import DataError, VideoError
 
         item = self.videos[i]
         try:
             if isinstance(item, (str, os.PathLike)):
-                return load_video_views(item, self.spec.frames, self.size, self.spec, self.cfg)
-            return frames_to_views(torch.as_tensor(item), self.spec, self.size, self.cfg)
+                views, notes = noted(lambda: load_video_views(item, self.spec.frames, self.size, self.spec, self.cfg))
+            else:
+                views, notes = noted(lambda: frames_to_views(torch.as_tensor(item), self.spec, self.size, self.cfg))
         except DataError as exc:
-            return str(exc)
+            path = str(item) if isinstance(item, (str, os.PathLike)) else f"video {i}"
+            reason = exc.reason if isinstance(exc, VideoError) and exc.path == path else str(exc)
+            return Skipped(path, reason)
+        return Item(views, -1, i, notes=notes)
 
 
-def _stack_views(items: list[torch.Tensor | str]) -> torch.Tensor | str:
-    errors = [x for x in items if isinstance(x, str)]
-    return errors[0] if errors else torch.stack(items)
+@dataclass
+class Scores:
+    """What :func:`score_videos` gives: ``values`` (N_kept, K) probabilities or (N_kept, D) features of the videos
+    at positions ``kept`` of the input, and the videos that could not be read."""
+
+    values: torch.Tensor
+    kept: list[int]
+    skipped: list[Skipped]
 
 
 @torch.no_grad()
-def video_scores(model: nn.Module, videos: Sequence[Any], spec: Any, size: int, data_cfg: Any, *,
+def score_videos(model: nn.Module, videos: Sequence[Any], spec: Any, size: int, data_cfg: Any, *,
                  features: bool = False, batch_size: int = DEFAULT_BATCH, num_workers: int = 0,
-                 amp_dtype: torch.dtype | None = None, progress: bool = False) -> torch.Tensor:
-    """Videos (paths or uint8 frames (L, H, W, 3)) -> (N, K) probabilities (softmax per view, then the mean), or
-    with ``features`` (N, D) clip features averaged over the views. ``num_workers`` processes decode."""
+                 amp_dtype: torch.dtype | None = None, progress: bool = False, skip_bad: bool = False) -> Scores:
+    """Videos (paths or uint8 frames (L, H, W, 3)) -> probabilities (softmax per view, then the mean) or, with
+    ``features``, clip features averaged over the views. ``num_workers`` processes decode. A video that cannot be
+    read ends the run with a DataError naming it, or with ``skip_bad`` is left out and listed in ``skipped``."""
     from pks4.data.video import DataError
 
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch size {batch_size} / workers {num_workers}: expected >= 1 / >= 0")
     loader = DataLoader(_VideoViews(videos, spec, size, data_cfg), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_stack_views)
+                        num_workers=num_workers, collate_fn=collate)
     bar = progress_bar(len(videos), "videos", progress)
     model.eval()
-    out = []
+    out, kept, skipped = [], [], []
     for batch in loader:
-        if isinstance(batch, str):
-            raise DataError(batch)
-        if features:
-            out.append(embed_views(model, batch, amp_dtype=amp_dtype).mean(dim=1).cpu())
-        else:
-            out.append(aggregate_views(run_views(model, batch, amp_dtype=amp_dtype)).cpu())
-        bar.update(len(batch))
+        show_notes(batch.notes)
+        if batch.skipped and not skip_bad:
+            raise DataError(str(batch.skipped[0]))
+        skipped += batch.skipped
+        if batch.video is not None:
+            if features:
+                out.append(embed_views(model, batch.video, amp_dtype=amp_dtype).mean(dim=1).cpu())
+            else:
+                out.append(aggregate_views(run_views(model, batch.video, amp_dtype=amp_dtype)).cpu())
+            kept += batch.index.tolist()
+        bar.update(len(batch) + len(batch.skipped))
     bar.close()
-    return torch.cat(out)
+    width = out[0].shape[1] if out else (_num_classes(model) if not features else 0)
+    return Scores(torch.cat(out) if out else torch.zeros(0, width), kept, skipped)
+
+
+def video_scores(model: nn.Module, videos: Sequence[Any], spec: Any, size: int, data_cfg: Any, *,
+                 features: bool = False, batch_size: int = DEFAULT_BATCH, num_workers: int = 0,
+                 amp_dtype: torch.dtype | None = None, progress: bool = False) -> torch.Tensor:
+    """Videos (paths or uint8 frames (L, H, W, 3)) -> (N, K) probabilities (softmax per view, then the mean), or
+    with ``features`` (N, D) clip features averaged over the views (:func:`score_videos`; a video that cannot be
+    read is a DataError naming it)."""
+    return score_videos(model, videos, spec, size, data_cfg, features=features, batch_size=batch_size,
+                        num_workers=num_workers, amp_dtype=amp_dtype, progress=progress).values
 
 
 def predict_videos(model: nn.Module, paths: Sequence[Any], classes: Sequence[str], views: str,
                    size: int, data_cfg: Any, topk: int = 5, amp_dtype: torch.dtype | None = None, *,
-                   batch_size: int = DEFAULT_BATCH, num_workers: int = 0, progress: bool = False
-                   ) -> list[dict[str, Any]]:
+                   batch_size: int = DEFAULT_BATCH, num_workers: int = 0, progress: bool = False,
+                   skip_bad: bool = False) -> list[dict[str, Any]]:
     """Multi-view prediction: ``{"path", "label", "score", "topk": [{label, index, score}, ...]}`` per video.
 
     A video is a file path or its uint8 frames (L, H, W, 3) (then without "path"); ``label``/``score`` repeat
-    the best entry of ``topk``. ``pks4 predict`` and :class:`pks4.VideoClassifier` both answer through here.
+    the best entry of ``topk``. With ``skip_bad`` a video that cannot be read gives ``{"path", "error"}`` in its
+    place instead of ending the run. ``pks4 predict`` and :class:`pks4.VideoClassifier` both answer through here.
     """
     from pks4.data.sampling import parse_views
 
     if topk < 1:
         raise ValueError(f"topk {topk}: expected at least 1")
-    probs = video_scores(model, paths, parse_views(views), size, data_cfg, batch_size=batch_size,
-                         num_workers=num_workers, amp_dtype=amp_dtype, progress=progress)
+    scores = score_videos(model, paths, parse_views(views), size, data_cfg, batch_size=batch_size,
+                          num_workers=num_workers, amp_dtype=amp_dtype, progress=progress, skip_bad=skip_bad)
+    # the loader keeps the input order: the positions not kept are the skipped videos, in order
+    best, bad, kept = iter(topk_labels(scores.values, classes, topk)), iter(scores.skipped), set(scores.kept)
     results = []
-    for item, top in zip(paths, topk_labels(probs, classes, topk)):
+    for i, item in enumerate(paths):
         where = {"path": str(item)} if isinstance(item, (str, os.PathLike)) else {}
-        results.append({**where, "label": top[0]["label"], "score": top[0]["score"], "topk": top})
+        if i in kept:
+            top = next(best)
+            results.append({**where, "label": top[0]["label"], "score": top[0]["score"], "topk": top})
+        else:
+            results.append({**where, "error": next(bad).reason})
     return results
 
 
 def _device(pref: str) -> torch.device:
-    if pref == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(pref)
+    from pks4.engine.runtime import resolve_device
+
+    return resolve_device(pref)
+
+
+def check_memory(model: nn.Module, frames: int, size: int, clips: int, *, chunk: int = 16, where: str = "inference"
+                 ) -> None:
+    """Refuse, before any video is read, a run whose forward would not fit in the memory free on the model's
+    device: the profiler's estimate of the activations of one forward of ``min(chunk, clips)`` clips
+    (:func:`pks4.engine.profile.inference_peak_bytes`, computed without allocating) plus the ``clips`` test views
+    of a batch held at once, against what the device has free now."""
+    from pks4.engine.profile import free_memory_bytes, inference_peak_bytes
+
+    device = next(model.parameters()).device
+    free = free_memory_bytes(device)
+    if free is None:
+        return
+    views = clips * frames * 3 * size * size * 4  # float32 views of one batch
+    need = inference_peak_bytes(model, frames, size, min(chunk, clips)) + views
+    if need > free:
+        raise UserError(f"{where}: {clips} clips of {frames} frames at {size} px per batch need about "
+                        f"{need / 2**30:.1f} GiB ({views / 2**30:.1f} GiB of views, the rest activations of one "
+                        f"forward of {min(chunk, clips)} clips: the estimate of `pks4 profile`), but "
+                        f"{free / 2**30:.1f} GiB is free on {device}; lower the size, the frames, the views or the "
+                        "batch size")
 
 
 def _check_patch_policy(policy: str | int) -> str | int:
@@ -376,19 +431,31 @@ def _at_shape(model: nn.Module, frames: int, size: int, trained_size: int, polic
     return at_geometry(model, geometry_for(model, frames, size, policy, kernel_resize=method))
 
 
+def _eval_data(cfg: Any, data_list: str | None, data_root: str | None, data_format: str | None) -> Any:
+    """The run's data config for evaluation: ``data_list`` (the list to score) and ``data_root`` given now win over
+    what the run stored; a list given without a root is read relative to its own folder."""
+    from dataclasses import replace
+
+    root = data_root if data_root is not None else (cfg.root if not data_list else "")
+    return replace(cfg, val=data_list or cfg.val, root=root, format=data_format or cfg.format)
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data_list: str | None = None, data_root: str | None = None,
                         views: str | None = None, batch_size: int | None = None, out_dir: str | Path | None = None,
                         device: str = "auto", num_workers: int = 2, frame_order: str | None = None,
                         frames: int | None = None, size: int | None = None, patch_policy: str | int = "native",
-                        amp: str = "auto", progress: bool = False) -> dict[str, Any]:
+                        amp: str = "auto", progress: bool = False, data_format: str | None = None,
+                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Multi-view evaluation of a checkpoint (or run dir) on its validation list or ``data_list``.
 
     Returns ``{"top1", "top5", "mean_class", "views", "samples", "frame_order", "size", "patch_policy"}``
-    (accuracies in percent); with ``out_dir`` also writes ``confusion_matrix.csv`` / ``.png`` there.
-    ``frame_order`` (Park et al. Table 1) reorders the frames of every view before the model; None or
-    "sequential" keeps them. ``frames`` / ``size`` evaluate at any clip length and frame size (StretchySnake);
-    ``patch_policy`` is ``native`` (stored patch, the grid follows the size), ``static_tokens`` (patch scaled
-    to keep the trained token grid) or a patch size. ``amp`` as in :func:`resolve_amp`; ``progress`` shows a bar.
+    (accuracies in percent); with ``out_dir`` (checked before any work) also writes ``confusion_matrix.csv`` /
+    ``.png`` there. ``frame_order`` (Park et al. Table 1) reorders the frames of every view before the model; None
+    or "sequential" keeps them. ``frames`` / ``size`` evaluate at any clip length and frame size (StretchySnake);
+    ``patch_policy`` is ``native`` (stored patch, the grid follows the size), ``static_tokens`` (patch scaled to
+    keep the trained token grid) or a patch size. ``amp`` as in :func:`resolve_amp`; ``progress`` shows a bar.
+    Labels must lie in the checkpoint's classes. With ``views``, ``batch_size``, ``frames`` or ``size`` given, a
+    run whose forward would not fit in memory is refused first (:func:`check_memory`).
     """
     from dataclasses import replace
 
@@ -398,25 +465,29 @@ def evaluate_checkpoint(checkpoint: str | Path, data_list: str | None = None, da
     from pks4.data.sampling import parse_views
     from pks4.engine.checkpoint import load_model_from_checkpoint
     from pks4.engine.loader import LoaderOptions, sequential_stream
+    from pks4.engine.rundir import check_destination
 
     if frame_order is not None and frame_order not in FRAME_ORDERS:  # before minutes of loading, not after
         raise ValueError(f"frame order {frame_order!r}: expected one of {', '.join(FRAME_ORDERS)}")
     patch_policy = _check_patch_policy(patch_policy)
+    if out_dir is not None:
+        check_destination(out_dir, option="--out", what="output folder", min_free=0)
     amp_dtype = resolve_amp(amp, _device(device))
     model, cfg, classes = load_model_from_checkpoint(checkpoint, map_location=_device(device))
-    data_cfg = replace(cfg.data, val=data_list or cfg.data.val, root=data_root if data_root is not None else
-                       (cfg.data.root if not data_list else ""))
+    data_cfg = _eval_data(cfg.data, data_list, data_root, data_format)
     spec = parse_views(views or cfg.eval.views)
     if frames is not None:
         spec = replace(spec, frames=frames)
     if size is not None:
         data_cfg = data_config_at(data_cfg, spec.frames, size)
-    dataset = build_dataset(data_cfg, "val", train=False, views=spec)
-    if len(dataset.classes) > len(classes):
-        raise ValueError(f"{data_cfg.val}: {len(dataset.classes)} classes but the checkpoint has {len(classes)}")
-    loader = sequential_stream(dataset, batch_size or cfg.eval.batch_size,
-                               LoaderOptions(num_workers, cfg.train.loader_timeout), skip_bad=data_cfg.skip_bad_videos)
     at_shape = _at_shape(model, spec.frames, data_cfg.size, cfg.data.size, patch_policy, cfg.flex.kernel_resize)
+    batch = batch_size or cfg.eval.batch_size
+    dataset = build_dataset(data_cfg, "val", train=False, views=spec, classes=classes, log=log)  # the list only
+    if any(x is not None for x in (views, batch_size, frames, size)):  # a batch holds at most the whole list
+        check_memory(at_shape, spec.frames, data_cfg.size, min(batch, len(dataset)) * spec.clips * spec.crops,
+                     where="eval")
+    loader = sequential_stream(dataset, batch, LoaderOptions(num_workers, cfg.train.loader_timeout),
+                               skip_bad=data_cfg.skip_bad_videos)
     out = evaluate(at_shape, loader, amp_dtype=amp_dtype, frame_order=frame_order, progress=progress)
     metrics = compute_metrics(out.probs, out.labels, len(classes))
     if out_dir is not None:
@@ -429,16 +500,17 @@ def evaluate_checkpoint(checkpoint: str | Path, data_list: str | None = None, da
 
 def predict_checkpoint(checkpoint: str | Path, videos: Sequence[str | Path], views: str | None = None,
                        topk: int = 5, device: str = "auto", frames: int | None = None, size: int | None = None,
-                       patch_policy: str | int = "native", amp: str = "auto", batch_size: int = DEFAULT_BATCH,
-                       num_workers: int = 0, progress: bool = False) -> list[dict[str, Any]]:
+                       patch_policy: str | int = "native", amp: str = "auto", batch_size: int | None = None,
+                       num_workers: int = 0, progress: bool = False, skip_bad: bool = False
+                       ) -> list[dict[str, Any]]:
     """:func:`predict_videos` with the model, class names and data settings of a run dir, a checkpoint or a
     folder written by ``save_pretrained``; ``frames`` / ``size`` / ``patch_policy`` as in
-    :func:`evaluate_checkpoint`, ``amp`` as in :func:`resolve_amp`."""
+    :func:`evaluate_checkpoint` (also the memory check), ``amp`` as in :func:`resolve_amp`, ``skip_bad`` as in
+    :func:`predict_videos`; ``batch_size`` None is :data:`DEFAULT_BATCH`."""
     from dataclasses import replace
 
     from pks4.data.flex_sampler import data_config_at
     from pks4.data.sampling import parse_views
-    from pks4.data.flex_sampler import data_config_at
     from pks4.engine.pretrained import load_for_inference
 
     patch_policy = _check_patch_policy(patch_policy)
@@ -448,5 +520,9 @@ def predict_checkpoint(checkpoint: str | Path, videos: Sequence[str | Path], vie
     spec = replace(spec, frames=frames) if frames is not None else spec
     data_cfg = data_config_at(info.data, spec.frames, size) if size is not None else info.data
     at_shape = _at_shape(model, spec.frames, data_cfg.size, info.data.size, patch_policy, info.kernel_resize)
+    batch = batch_size or DEFAULT_BATCH
+    if any(x is not None for x in (views, batch_size, frames, size)):
+        clips = min(batch, len(videos)) * spec.clips * spec.crops
+        check_memory(at_shape, spec.frames, data_cfg.size, clips, where="predict")
     return predict_videos(at_shape, videos, info.classes, str(spec), data_cfg.size, data_cfg, topk, amp_dtype,
-                          batch_size=batch_size, num_workers=num_workers, progress=progress)
+                          batch_size=batch, num_workers=num_workers, progress=progress, skip_bad=skip_bad)

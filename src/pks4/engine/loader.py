@@ -16,8 +16,10 @@ loaded again on its own. :class:`BatchStream` iterates such a list through a Dat
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -25,10 +27,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pks4.data.flex_sampler import FlexBatchSampler, FlexDataset
-from pks4.data.items import Batch, Skipped, collate
+from pks4.data.items import Batch, Skipped, collate, show_notes
 from pks4.engine.runtime import DistInfo, TrainingError
 
-__all__ = ["item_seed", "SeededItems", "ShardPlan", "FlexPlan", "LoaderOptions", "BatchStream", "sequential_stream"]
+__all__ = ["item_seed", "SeededItems", "ShardPlan", "FlexPlan", "LoaderOptions", "BatchStream", "sequential_stream",
+           "useful_workers"]
 
 Log = Callable[[str], None]
 
@@ -122,6 +125,21 @@ class LoaderOptions:
     pin_memory: bool = False
 
 
+WORKERS_PER_CPU = 4  # decoding waits on the disk at times, so a few workers per core still help
+
+
+def useful_workers(asked: int, batches: int) -> int:
+    """The worker processes worth starting: no more than the batches to load (a worker makes whole batches) nor
+    :data:`WORKERS_PER_CPU` per CPU (thousands of forked copies of the main process only exhaust memory; the
+    kernel's OOM killer then ends the run without a word). What a batch holds is a function of its keys alone,
+    so the count changes no batch."""
+    cpus = os.cpu_count() or 1
+    if asked > WORKERS_PER_CPU * cpus:  # one line, from one place: shown once per process
+        warnings.warn(f"{asked} DataLoader workers asked for (--workers, train.num_workers) on a machine with "
+                      f"{cpus} CPUs: starting at most {WORKERS_PER_CPU * cpus}", UserWarning, stacklevel=2)
+    return max(0, min(asked, batches, WORKERS_PER_CPU * cpus))
+
+
 class _DeferSigchld:
     """Keep a dying DataLoader worker from interrupting an optimizer step half-way.
 
@@ -198,6 +216,7 @@ class BatchStream:
     def __init__(self, dataset: Dataset, batches: Sequence[list[Any]], options: LoaderOptions, *,
                  skip_bad: bool, where: str, log: Log = print, start: int = 0, seed: int = 0) -> None:
         self.dataset, self.batches, self.options = dataset, list(batches), options
+        self.workers = useful_workers(options.workers, len(self.batches))
         self.skip_bad, self.where, self.log, self.start, self.seed = skip_bad, where, log, start, seed
 
     def __len__(self) -> int:
@@ -211,12 +230,13 @@ class BatchStream:
                           generator=torch.Generator().manual_seed(self.seed))
 
     def _checked(self, batch: Batch) -> Batch:
+        show_notes(batch.notes)
         return batch if self.skip_bad else batch.raise_skipped()
 
     def __iter__(self) -> Iterator[Batch]:
-        guard, pos, end = _DeferSigchld(self.options.workers > 0), 0, object()
+        guard, pos, end = _DeferSigchld(self.workers > 0), 0, object()
         while pos < len(self.batches):
-            loader_iter = iter(self._loader(self.batches[pos:], self.options.workers))
+            loader_iter = iter(self._loader(self.batches[pos:], self.workers))
             try:
                 while True:
                     guard.fetching()
@@ -227,7 +247,7 @@ class BatchStream:
                     yield self._checked(batch)
                     pos += 1
             except Exception as exc:  # noqa: BLE001 - a lost worker is retried, anything else re-raised
-                lost = _worker_lost(exc) if self.options.workers else None
+                lost = _worker_lost(exc) if self.workers else None
                 if lost is None:
                     raise
             finally:

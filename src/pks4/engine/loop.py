@@ -69,6 +69,7 @@ from pks4.engine.config import OptimConfig, TrainConfig, format_config
 from pks4.engine.ema import WeightEMA
 from pks4.engine.loader import BatchStream, FlexPlan, LoaderOptions, SeededItems, ShardPlan
 from pks4.engine.optim import LRSchedule, build_optimizer, scaled_lr
+from pks4.engine.rundir import atomic_write_text, check_destination, checkpoint_bytes
 from pks4.engine.runlog import MetricsLog, plot_curves
 from pks4.engine.runtime import DistInfo, StopFlag, TrainingError, agree, amp_dtype_for
 from pks4.layers.geometry import TokenGeometry
@@ -228,6 +229,10 @@ class Loop:
         plan = ShardPlan(n, self.dist, t.batch_size, shuffle=True, seed=t.seed)
         if plan.shard == 0:
             raise TrainingError("no training clips")
+        if t.batch_size > plan.shard:  # allowed (a tiny set), but the scaled learning rate would surprise
+            self.log(f"note: train.batch_size={t.batch_size} is more than the {plan.shard} training clips of a "
+                     "process: each step takes them all, while optim.scale_lr scales the learning rate for the "
+                     "batch size asked for")
         return plan
 
     def _make_optimizer(self) -> None:
@@ -534,9 +539,11 @@ class Loop:
     def fit(self) -> RunResult:
         """Train until ``train.epochs`` (or a stop); evaluate, save, log, plot on the way."""
         t = self.s.train
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(format_config(self.s.config))
+        if self.dist.is_main:  # before the first step: room for the checkpoints, the config written atomically
+            need = checkpoint_bytes(sum(p.numel() for p in self.task.model.parameters()),
+                                    keep_last=t.keep_last, ema=self.ema is not None)
+            check_destination(self.run_dir, need)
+            atomic_write_text(self.run_dir / "config.yaml", format_config(self.s.config))
         status, last, path = "finished", None, None
         with StopFlag() as stop:
             while self.epoch < t.epochs:

@@ -29,7 +29,7 @@ the residual stream entering its last block), so they are frozen here and start 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -37,11 +37,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from pks4.data.datasets import DataConfig
+from pks4.data.datasets import DataConfig, resolved_paths
 from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import (ModelConfig, OptimConfig, RunConfig, TrainConfig,
                                 config_to_dict, format_config, load_section)
 from pks4.engine.loop import Loop, LoopSettings, RunResult, Task
+from pks4.engine.rundir import guarded_run_dir
 from pks4.engine.runtime import TrainingError, process_group, start_process
 from pks4.engine.train import build_model
 from pks4.models.clip_vit import CLIP_VIT_B16, CLIP_VIT_L14, CLIP_VIT_TINY, CLIPVisionTransformer
@@ -211,7 +212,7 @@ def build_pretrainer(cfg: PretrainConfig, resume: str | None = None, log: Log = 
 
     dist_info = start_process(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
     main_log: Log = log if dist_info.is_main else (lambda msg: None)
-    train_set = build_dataset(cfg.data, "train", train=True)
+    train_set = build_dataset(cfg.data, "train", train=True, num_classes=cfg.model.num_classes, log=main_log)
     classes = [str(c) for c in train_set.classes]
     teacher = build_teacher(cfg.teacher, main_log).to(dist_info.device)
     student = build_student(cfg, _teacher_dim(teacher), cfg.model.num_classes or len(classes))
@@ -220,9 +221,12 @@ def build_pretrainer(cfg: PretrainConfig, resume: str | None = None, log: Log = 
     return Loop(task, settings, dist_info, resume=resume, log=log)
 
 
-def pretrain(cfg: PretrainConfig, resume: str | None = None, log: Log = print) -> RunResult:
-    """Print the resolved config and run the pretraining; the process group is torn down afterwards."""
+def pretrain(cfg: PretrainConfig, resume: str | None = None, log: Log = print, overwrite: bool = False
+             ) -> RunResult:
+    """Print the resolved config and run the pretraining in ``cfg.out``, locked and never over an earlier run
+    (``overwrite`` moves one aside); the process group is torn down afterwards."""
+    cfg = replace(cfg, data=resolved_paths(cfg.data))
     if int(os.environ.get("RANK", "0")) == 0:
         log(format_config(cfg).rstrip())
-    with process_group():
+    with guarded_run_dir(cfg.out, resume=resume, overwrite=overwrite, log=log), process_group():
         return build_pretrainer(cfg, resume=resume, log=log).fit()

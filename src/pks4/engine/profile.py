@@ -39,6 +39,7 @@ import statistics
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Callable, Iterator
 
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, \
     sdpa_flop_count
 
@@ -55,7 +57,7 @@ __all__ = [
     "FlopConvention", "FlopReport", "count_flops", "profile_model", "training_compute", "attention_macs",
     "scan_macs", "correlation_macs", "register_cpu_attention_formulas", "format_profile",
     "build_model", "native_size", "PeakMemory", "time_call", "train_step_fn", "saved_activation_bytes",
-    "TRAINING_FLOP_MULTIPLIER",
+    "TRAINING_FLOP_MULTIPLIER", "inference_peak_bytes", "live_peak_bytes", "free_memory_bytes",
 ]
 
 TRAINING_FLOP_MULTIPLIER = 6.0  # PKS4 Table 2: "6 x forward FLOPs per training clip"
@@ -129,15 +131,16 @@ class _AttentionCounter(TorchFunctionMode):
     """Counts SDPA calls from their shapes and returns a zero output of the right shape (values are not
     needed to count FLOPs, and skipping the kernel keeps meta-device counting fast)."""
 
-    def __init__(self, counter: FlopCounterMode) -> None:
+    def __init__(self, counter: FlopCounterMode | None) -> None:
         super().__init__()
-        self.counter = counter
+        self.counter = counter  # None: answer from the shapes without counting
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args):])[:3]
-            _add(self.counter, "attention", attention_macs(q.shape, k.shape, v.shape))
+            if self.counter is not None:
+                _add(self.counter, "attention", attention_macs(q.shape, k.shape, v.shape))
             return q.new_zeros(*q.shape[:-1], v.shape[-1])
         return func(*args, **kwargs)
 
@@ -291,6 +294,116 @@ def _report(model: nn.Module, counter: FlopCounterMode, convention: FlopConventi
     return FlopReport(total=total, per_module=per_module, per_op={k: v // 2 for k, v in per_op.items()})
 
 
+# ---- inference memory, estimated without allocating ---------------------------------------------------------------
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors alive at once while it watches: each storage an operator makes counts from then until
+    it is freed (a finalizer on the storage); ``peak`` is the largest total. Views share their storage."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # never run under torch.compile: no guard needed, and none means torch._dynamo is not imported (1-2 s)
+        return False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+        self.ignored: set[int] = set()  # storages that are not activations
+
+    def _track(self, t: Any) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._seen or key in self.ignored:
+            return
+        self._seen.add(key)
+        n = storage.nbytes()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._freed, key, n)
+
+    def _freed(self, key: int, n: int) -> None:
+        self.live -= n
+        self._seen.discard(key)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            self._track(t)
+        return out
+
+
+def _scan_memory_standin(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                         return_last_state=False, backend="auto"):
+    """The selective scan's memory from its shapes: the fused kernel is handed float32 contiguous copies of its
+    sequence inputs (made only where they are views or another dtype) and writes its output."""
+    held = [t.float().contiguous() for t in (u, delta, B, C, z) if t is not None]  # noqa: F841 - alive till out
+    out = torch.zeros_like(u)
+    return (out, u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)) if return_last_state else out
+
+
+def inference_peak_bytes(model: nn.Module, frames: int, size: int, batch: int = 1) -> int:
+    """Estimated peak memory of the activations of one inference forward of ``model`` on (batch, frames, 3, size,
+    size) clips, input included, weights not: the forward runs on the meta device (shapes only, nothing is
+    allocated) and every intermediate is counted from the operator that makes it until it is freed.
+
+    Fused kernels are answered from their shapes: attention by its output (flash attention keeps O(L) per head),
+    the selective scan by its output and the contiguous float32 copies of its inputs the CPU kernel is handed;
+    the PKS4 correlation volume runs its real code, whose fast path holds all N x N similarities of a frame pair.
+    The plain reference, a real forward counted the same way, is :func:`live_peak_bytes`; the two are compared in
+    ``benchmarks/inference_memory.md``."""
+    from pks4.ssm.scan import selective_scan
+
+    was_training = model.training
+    model.eval()
+    state = _meta_state(model)
+    live = _LiveBytes()
+    live.ignored = {t.untyped_storage()._cdata for t in state.values()}  # weights, also seen through views
+    try:
+        with _swap_functions({selective_scan: _scan_memory_standin}), _AttentionCounter(None), live, \
+                torch.no_grad():
+            x = torch.zeros(batch, frames, 3, size, size, device="meta")
+            torch.func.functional_call(model, state, (x,), strict=False)
+    finally:
+        model.train(was_training)
+    return live.peak
+
+
+def _scan_copies_held(real: Callable) -> Callable:
+    """The real selective scan, handed the float32 contiguous copies its kernel would make for itself (so the
+    kernel makes none): the copies are then made by operators the count sees, as one fused custom op's insides
+    are not."""
+
+    def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, return_last_state=False,
+             backend="auto"):
+        u, delta, B, C, z = (None if t is None else t.float().contiguous() for t in (u, delta, B, C, z))
+        return real(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend)
+
+    return scan
+
+
+def live_peak_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """The plain reference of :func:`inference_peak_bytes`: peak bytes of the activations of a real inference
+    forward of ``model`` on ``x`` (input included, weights not), every intermediate counted from the operator that
+    makes it until it is freed, with the real kernels (which allocate). The selective scan's kernel is handed the
+    float32 contiguous copies it would make inside its fused op, where the count cannot see them."""
+    from pks4.ssm.scan import selective_scan
+
+    was_training = model.training
+    model.eval()
+    live = _LiveBytes()
+    live.ignored = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    live.live = live.peak = x.untyped_storage().nbytes()  # held by the caller throughout
+    live.ignored.add(x.untyped_storage()._cdata)
+    try:
+        with _swap_functions({selective_scan: _scan_copies_held(selective_scan)}), live, torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+    return live.peak
+
+
 # ---- building models for measurement ------------------------------------------------------------------------
 def _config_fields(cfg: Any) -> set[str]:
     """Field names of a model config and of its nested dataclass configs (what create_model accepts)."""
@@ -373,6 +486,32 @@ class PeakMemory:
             self._thread.join()
             peak = max(self._peak, _rss_bytes())
         self.peak_mb = (peak - self._base) / 2**20
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can still get on ``device``: free GPU memory, or on the CPU the kernel's estimate of
+    available memory (``MemAvailable``), lowered to what a cgroup limit leaves; None where neither is known."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        with open("/proc/meminfo") as fh:
+            free = next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:  # cgroup v2: a container's limit, which MemAvailable (the whole machine's) does not see
+        with open("/sys/fs/cgroup/memory.max") as lim, open("/sys/fs/cgroup/memory.current") as cur, \
+                open("/sys/fs/cgroup/memory.stat") as stat:
+            limit = lim.read().strip()
+            if limit != "max":  # what the group uses, less the file cache the kernel would drop for it
+                cache = next((int(ln.split()[1]) for ln in stat if ln.startswith("inactive_file ")), 0)
+                left = int(limit) - int(cur.read()) + cache
+                free = left if free is None else min(free, left)
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def time_call(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from pks4.data.flex_sampler import data_config_at, resized_video_dataset
+from pks4.data.items import Skipped
 from pks4.engine.infer import aggregate_views, run_views
-from pks4.data.flex_sampler import data_config_at, resized_video_dataset
 from pks4.engine.loader import BatchStream, LoaderOptions, sequential_stream
 from pks4.layers.geometry import TokenGeometry
 from pks4.models.base import at_geometry, geometry_for
@@ -34,7 +34,7 @@ from pks4.models.base import at_geometry, geometry_for
 __all__ = [
     "GridResult", "parse_grid", "extract_features", "classify", "eval_grid", "write_grid", "plot_grid",
     "retrieval_topk", "retrieval", "ProbeResult", "linear_probe", "project_2d", "plot_embedding", "embed",
-    "patch_policy", "CheckpointData", "load_checkpoint_data",
+    "patch_policy", "CheckpointData", "load_checkpoint_data", "check_protocol_memory",
 ]
 
 
@@ -55,18 +55,22 @@ def _shape_of(model: nn.Module, video: Tensor, policy: str | int, kernel_resize:
 @torch.no_grad()
 def extract_features(model: nn.Module, dataset: Dataset, *, frames: int | None = None, size: int | None = None,
                      policy: str | int = "native", batch_size: int = 8, num_workers: int = 0,
-                     kernel_resize: str = "bicubic", skip_bad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                     kernel_resize: str = "bicubic", skip_bad: bool = False,
+                     skipped: list[Skipped] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Clip embeddings ``model.forward_features`` (B, D) of every item, averaged over test views.
 
     Returns (features (N, D) float32 on CPU, labels (N,), dataset indices (N,)). ``frames``/``size`` load the
     dataset at that shape (see :func:`pks4.data.flex_sampler.resized_video_dataset`); None keeps the dataset's
-    own. ``skip_bad``: leave unreadable videos out (else the first one ends the run, named).
+    own. ``skip_bad``: leave unreadable videos out, adding them to ``skipped`` when given (else the first one ends
+    the run, named).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     feats, labels, indices = [], [], []
     for batch in _loader(dataset, frames, size, batch_size, num_workers, skip_bad):
+        if skipped is not None:
+            skipped.extend(batch.skipped)
         if batch.video is None:
             continue
         video = batch.video
@@ -119,10 +123,11 @@ def retrieval_topk(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery
 def retrieval(model: nn.Module, gallery: Dataset, queries: Dataset, *, frames: int | None = None,
               size: int | None = None, policy: str | int = "native", ks: Sequence[int] = (1, 5),
               batch_size: int = 8, num_workers: int = 0, kernel_resize: str = "bicubic",
-              skip_bad: bool = False) -> dict[str, float]:
-    """Video retrieval (§5.2): gallery = training clips, queries = validation clips, both at (T, H)."""
+              skip_bad: bool = False, skipped: list[Skipped] | None = None) -> dict[str, float]:
+    """Video retrieval (§5.2): gallery = training clips, queries = validation clips, both at (T, H); unreadable
+    videos as in :func:`extract_features`."""
     kw = dict(frames=frames, size=size, policy=policy, batch_size=batch_size, num_workers=num_workers,
-              kernel_resize=kernel_resize, skip_bad=skip_bad)
+              kernel_resize=kernel_resize, skip_bad=skip_bad, skipped=skipped)
     g, gy, _ = extract_features(model, gallery, **kw)
     q, qy, _ = extract_features(model, queries, **kw)
     return {f"top{k}": v for k, v in retrieval_topk(q, qy, g, gy, ks).items()}
@@ -236,6 +241,8 @@ def parse_grid(items: Sequence[str]) -> tuple[list[int], list[int]]:
             out[key] = [int(v) for v in values.split(",") if v.strip()]
         except ValueError:
             raise ValueError(f"--grid {item!r}: values must be integers") from None
+        if any(v < 1 for v in out[key]):
+            raise ValueError(f"--grid {item!r}: values must be >= 1")
     if set(out) != {"frames", "size"} or not out["frames"] or not out["size"]:
         raise ValueError(f"--grid needs both frames=... and size=..., got {list(items)}")
     return out["frames"], out["size"]
@@ -360,12 +367,14 @@ def plot_embedding(xy: np.ndarray, labels: np.ndarray, classes: Sequence[str] | 
 def embed(model: nn.Module, dataset: Dataset, out_path: str | Path, *, frames: int | None = None,
           size: int | None = None, policy: str | int = "native", classes: Sequence[str] | None = None,
           batch_size: int = 8, num_workers: int = 0, methods: Sequence[str] | None = None,
-          kernel_resize: str = "bicubic", skip_bad: bool = False) -> dict[str, Path]:
+          kernel_resize: str = "bicubic", skip_bad: bool = False,
+          skipped: list[Skipped] | None = None) -> dict[str, Path]:
     """Write clip embeddings to ``out_path`` (.npz: features, labels, indices; or .safetensors) and one 2-D
-    map PNG per method next to it (``<stem>_pca.png``, ``<stem>_tsne.png``)."""
+    map PNG per method next to it (``<stem>_pca.png``, ``<stem>_tsne.png``); unreadable videos as in
+    :func:`extract_features`."""
     feats, labels, indices = extract_features(model, dataset, frames=frames, size=size, policy=policy,
                                               batch_size=batch_size, num_workers=num_workers,
-                                              kernel_resize=kernel_resize, skip_bad=skip_bad)
+                                              kernel_resize=kernel_resize, skip_bad=skip_bad, skipped=skipped)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".safetensors":
@@ -395,33 +404,51 @@ def patch_policy(text: str | int) -> str | int:
 @dataclass
 class CheckpointData:
     """A checkpoint's model with the datasets a protocol runs on: ``data_cfg`` is the data config at the asked
-    (T, H), ``run`` the checkpoint's own run config."""
+    (T, H), ``run`` the checkpoint's own run config, ``skipped`` the videos left out (pass it to the protocol,
+    which adds those it cannot read)."""
 
     model: nn.Module
     data_cfg: Any
     classes: list[str]
     datasets: dict[str, Dataset]
     run: Any
+    skipped: list[Skipped] = field(default_factory=list)  # listed videos missing (data.skip_bad_videos), so far
 
 
 def load_checkpoint_data(checkpoint: str, splits: Sequence[str], *, device: str = "auto", data: str | None = None,
                          train_data: str | None = None, data_root: str | None = None, frames: int | None = None,
-                         size: int | None = None) -> CheckpointData:
+                         size: int | None = None, skip_bad: bool | None = None, data_format: str | None = None,
+                         log: Any = None) -> CheckpointData:
     """Rebuild the model of ``checkpoint`` and read its evaluation datasets (``splits``: "train" / "val").
 
     ``data`` / ``train_data`` replace the run's validation / training lists (paths then relative to
     ``data_root``, default the list's folder); ``frames`` / ``size`` load clips at that shape, the test-time short
-    side scaled with the size.
+    side scaled with the size. ``skip_bad`` / ``data_format`` (None: the run's) set ``data.skip_bad_videos`` /
+    ``data.format``. Labels must lie in the checkpoint's classes; ``log`` hears what ``format: auto`` chose.
     """
     from pks4.data.datasets import build_dataset
     from pks4.engine.checkpoint import load_model_from_checkpoint
+    from pks4.engine.infer import _device
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    model, cfg, classes = load_model_from_checkpoint(checkpoint, map_location=device)
+    model, cfg, classes = load_model_from_checkpoint(checkpoint, map_location=_device(device))
     given = bool(data or train_data)
     data_cfg = replace(cfg.data, train=train_data or cfg.data.train, val=data or cfg.data.val,
-                       root=data_root if data_root is not None else ("" if given else cfg.data.root))
+                       root=data_root if data_root is not None else ("" if given else cfg.data.root),
+                       skip_bad_videos=cfg.data.skip_bad_videos if skip_bad is None else skip_bad,
+                       format=data_format or cfg.data.format)
     if frames or size:  # short side scaled with the size
         data_cfg = data_config_at(data_cfg, frames or None, size or None)
-    datasets = {s: build_dataset(data_cfg, s, train=False) for s in splits}
-    return CheckpointData(model, data_cfg, classes, datasets, cfg)
+    datasets = {s: build_dataset(data_cfg, s, train=False, classes=classes, log=log) for s in splits}
+    missing = [Skipped(path, reason) for ds in datasets.values() for path, reason in getattr(ds, "bad", [])]
+    return CheckpointData(model, data_cfg, classes, datasets, cfg, missing)
+
+
+def check_protocol_memory(loaded: CheckpointData, policy: str | int, batch_size: int, where: str) -> None:
+    """:func:`pks4.engine.infer.check_memory` for a protocol's batches (one centre view per clip) at the loaded
+    data's (T, H) and patch policy."""
+    from pks4.engine.infer import check_memory
+
+    cfg = loaded.data_cfg
+    geometry = geometry_for(loaded.model, cfg.num_frames, cfg.size, policy, kernel_resize=loaded.run.flex.kernel_resize)
+    clips = min(batch_size, max((len(ds) for ds in loaded.datasets.values()), default=batch_size))
+    check_memory(at_geometry(loaded.model, geometry), cfg.num_frames, cfg.size, clips, where=where)

@@ -30,14 +30,16 @@ import shutil
 import socket
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 from pks4.engine.checkpoint import atomic_output
 from pks4.errors import UserError, describe_os_error
 
 __all__ = ["RunDirError", "RunLock", "LOCK_FILE", "RUN_MARKERS", "run_markers", "check_destination",
-           "checkpoint_bytes", "move_aside", "prepare_run_dir", "atomic_write_text", "atomic_write_bytes"]
+           "check_output_file", "checkpoint_bytes", "move_aside", "prepare_run_dir", "guarded_run_dir",
+           "atomic_write_text", "atomic_write_bytes"]
 
 LOCK_FILE = ".pks4.lock"
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")  # what `pks4 train` writes first
@@ -48,13 +50,14 @@ class RunDirError(UserError):
     """A run directory that cannot or must not be written (the message names it and says what to do)."""
 
 
-def run_markers(out: str | Path) -> list[str]:
-    """The files of a training run found in ``out`` (empty when it holds none)."""
+def run_markers(out: str | Path, markers: Sequence[str] = RUN_MARKERS) -> list[str]:
+    """The files of a run found in ``out`` (empty when it holds none): ``markers`` that are files, or folders
+    holding anything but a lock file."""
     p = Path(out)
     found = []
-    for name in RUN_MARKERS:
+    for name in markers:
         marker = p / name
-        if marker.is_file() or (marker.is_dir() and any(marker.iterdir())):
+        if marker.is_file() or (marker.is_dir() and any(x.name != LOCK_FILE for x in marker.iterdir())):
             found.append(name + ("/" if marker.is_dir() else ""))
     return found
 
@@ -66,26 +69,40 @@ def checkpoint_bytes(num_params: int, *, keep_last: int = 2, ema: bool = False) 
     return per_checkpoint * (keep_last + 2)
 
 
-def check_destination(out: str | Path, need_bytes: int = 0) -> Path:
-    """Create ``out`` if needed and make sure a run can be written there; RunDirError naming it if not."""
+def check_destination(out: str | Path, need_bytes: int = 0, *, option: str = "--out",
+                      what: str = "run directory", min_free: int = _MIN_FREE) -> Path:
+    """Create the folder ``out`` if needed and make sure ``what`` can be written there, with ``need_bytes`` (at
+    least ``min_free``) free on its disk; RunDirError naming it and ``option`` if not."""
     p = Path(out)
     if p.exists() and not p.is_dir():
-        raise RunDirError(f"{p}: is a file, not a folder; --out names the run directory to create or continue")
+        raise RunDirError(f"{p}: is a file, not a folder; {option} names the {what} to create or write into")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise RunDirError(f"cannot create the run directory: {describe_os_error(exc)}") from None
+        raise RunDirError(f"cannot create the {what}: {describe_os_error(exc)}") from None
     try:  # a file really created: permissions, ACLs and read-only mounts all answer here
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=p)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise RunDirError(f"{p}: cannot write into the run directory: {describe_os_error(exc, path=False)}") from None
+        raise RunDirError(f"{p}: cannot write into the {what}: {describe_os_error(exc, path=False)}") from None
     free = shutil.disk_usage(p).free
-    need = max(need_bytes, _MIN_FREE)
+    need = max(need_bytes, min_free)
     if free < need:
-        raise RunDirError(f"{p}: {free / 2**30:.2f} GiB free on its disk, a run there needs about "
-                          f"{need / 2**30:.2f} GiB; free some space or choose another --out")
+        raise RunDirError(f"{p}: {free / 2**30:.2f} GiB free on its disk, the {what} needs about "
+                          f"{need / 2**30:.2f} GiB; free some space or choose another {option}")
+    return p
+
+
+def check_output_file(path: str | Path, option: str, what: str = "output file") -> Path:
+    """Before any work: the file ``path`` can be written (it is not a folder; its folder is created if needed and
+    can be written into); RunDirError naming ``option`` if not. The file itself is not created."""
+    p = Path(path)
+    if p.is_dir():
+        raise RunDirError(f"{p}: is a folder; {option} names the {what} to write")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise RunDirError(f"{p}: a part of the path is not a directory ({p.parent} is a file)")
+    check_destination(p.parent, option=option, what=f"folder of the {what}", min_free=0)
     return p
 
 
@@ -193,26 +210,29 @@ def _describe(holder: dict) -> str:
             f"{holder.get('command', '?')}")
 
 
-def _holds_run(out: Path, found: list[str]) -> str:
+def _holds_run(out: Path, found: list[str], resume_flag: str) -> str:
     return (f"{out} already holds a run ({', '.join(found)}); it was left as it is. To continue that run, add "
-            f"--resume auto. To start a new one, choose another --out, or add --overwrite to move this one aside to "
+            f"{resume_flag}. To start a new one, choose another --out, or add --overwrite to move this one aside to "
             f"{out.name}.old-<date>-<time> (nothing is deleted)")
 
 
 def prepare_run_dir(out: str | Path, *, resume: str | None = None, overwrite: bool = False, need_bytes: int = 0,
-                    log: Callable[[str], None] = _stderr) -> RunLock:
+                    log: Callable[[str], None] = _stderr, markers: Sequence[str] = RUN_MARKERS,
+                    resume_flag: str = "--resume auto") -> RunLock:
     """Check ``out``, lock it and make sure no earlier run in it is overwritten (module docstring); returns the
     held lock. ``resume`` ("auto" or a path, as ``--resume``) allows continuing a run found there; ``overwrite``
-    moves it aside first."""
+    moves it aside first. ``markers`` are the files that show a run (``pks4 demo`` has its own), ``resume_flag``
+    what the refusal suggests to continue one."""
     if resume and overwrite:
-        raise RunDirError("--resume continues the run in --out and --overwrite moves it aside: give only one")
+        raise RunDirError(f"{resume_flag.split()[0]} continues the run in --out and --overwrite moves it aside: "
+                          "give only one")
     path = check_destination(out, need_bytes)
     lock = RunLock(path, log).acquire()
     try:
-        found = run_markers(path)
+        found = run_markers(path, markers)
         if found and not resume:
             if not overwrite:
-                raise RunDirError(_holds_run(path, found))
+                raise RunDirError(_holds_run(path, found, resume_flag))
             old = move_aside(path)  # our lock file moves with it; the new folder gets its own
             log(f"{path}: the earlier run was moved aside to {old} (nothing was deleted)")
             fresh = RunLock(check_destination(path, need_bytes), log).acquire()
@@ -223,6 +243,23 @@ def prepare_run_dir(out: str | Path, *, resume: str | None = None, overwrite: bo
         lock.release()
         raise
     return lock
+
+
+@contextmanager
+def guarded_run_dir(out: str | Path, *, resume: str | None = None, overwrite: bool = False,
+                    log: Callable[[str], None] = _stderr, **kwargs) -> Iterator[RunLock | None]:
+    """:func:`prepare_run_dir` for the length of the block, on the main rank of a ``torchrun`` job (RANK 0, or no
+    job). The other ranks skip it: they wait for the main rank when the process group is set up, which the main
+    rank joins only after the guard (and a refusal ends the job there). The lock is released when the block ends,
+    however it ends."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield None
+        return
+    lock = prepare_run_dir(out, resume=resume, overwrite=overwrite, log=log, **kwargs)
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

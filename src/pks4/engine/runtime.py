@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from pks4.errors import UserError
 
-__all__ = ["TrainingError", "DistInfo", "setup_distributed", "start_process", "process_group", "seed_everything",
+__all__ = ["TrainingError", "DistInfo", "device_problem", "resolve_device", "setup_distributed", "start_process", "process_group", "seed_everything",
            "amp_dtype_for", "StopFlag", "agree"]
 
 
@@ -46,14 +46,39 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _pick_device(pref: str, local_rank: int) -> torch.device:
+def device_problem(pref: str) -> str | None:
+    """What makes the device name ``pref`` unusable on this machine (None: usable). ``auto`` always is."""
+    if pref == "auto":
+        return None
+    try:
+        dev = torch.device(pref)
+    except (RuntimeError, ValueError):
+        return f"{pref!r} is not a device; expected auto, cpu, cuda or cuda:N"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = " (this torch is a CPU-only build)" if torch.version.cuda is None else ""
+            return f"{pref!r}: this machine has no CUDA device{build}; use cpu or auto"
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            return f"{pref!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+    elif dev.type != "cpu":
+        return f"{pref!r}: pks4 runs on cpu or cuda (auto picks cuda when there is one)"
+    return None
+
+
+def resolve_device(pref: str, option: str = "--device", local_rank: int = 0) -> torch.device:
+    """The device ``pref`` names (``auto``: this rank's GPU when there is one, else the CPU); a UserError naming
+    ``option`` when the name is wrong or the device is not on this machine."""
+    problem = device_problem(pref)
+    if problem is not None:
+        raise UserError(f"{option}={problem}" if option.startswith("train.") else f"{option} {problem}")
     if pref == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if pref == "cuda" and torch.cuda.is_available():
-        return torch.device(f"cuda:{local_rank}")
-    if pref.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"train.device={pref!r} but no CUDA device is available")
-    return torch.device(pref)
+    return torch.device(f"cuda:{local_rank}") if pref == "cuda" else torch.device(pref)
+
+
+def _pick_device(pref: str, local_rank: int) -> torch.device:
+    return resolve_device(pref, "train.device", local_rank)
 
 
 def setup_distributed(device: str = "auto") -> DistInfo:

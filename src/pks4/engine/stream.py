@@ -162,7 +162,7 @@ def stream_checkpoint(checkpoint: str | Path, source: str, *, topk: int = 5, fra
     and evaluation transform; ``size`` (default: the run's ``data.size``) embeds frames of another size with
     the stored patch size. Bad options, the source and the model are checked before the first frame."""
     from pks4.engine.checkpoint import load_model_from_checkpoint
-    from pks4.engine.infer import _device
+    from pks4.engine.infer import _device, check_memory
     from pks4.models.base import geometry_for
 
     _check_counts(topk=topk, frame_step=frame_step, every=every, max_frames=max_frames, size=size)
@@ -172,6 +172,8 @@ def stream_checkpoint(checkpoint: str | Path, source: str, *, topk: int = 5, fra
     _check_streaming(model, checkpoint)
     size = size or cfg.data.size
     geometry = None if size == cfg.data.size else geometry_for(model, 1, size)
+    if geometry is not None:  # a frame of another size than the run's: its activations must fit, said up front
+        check_memory(model, 1, size, 1, where="stream")
     chain = frames if first is None else _prepend(first, frames)
     yield from stream_predictions(model, chain, frame_transform(cfg.data, size), classes, topk=topk,
                                   frame_step=frame_step, every=every, max_frames=max_frames, geometry=geometry)

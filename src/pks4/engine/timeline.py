@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pks4.data.items import Skipped
+
 __all__ = ["Span", "parse_span", "Timeline", "stream_instants", "window_starts", "window_views", "predict_timeline",
            "timeline_checkpoint"]
 
@@ -269,16 +271,32 @@ class _WindowScorer:
 
 def timeline_checkpoint(checkpoint: str | Path, videos: Sequence[str | Path], window: Any, stride: Any = None,
                         fps: float | None = None, views: str | None = None, device: str = "auto",
-                        amp: str = "auto", batch_size: int = 4, progress: bool = False) -> list[Timeline]:
+                        amp: str = "auto", batch_size: int | None = None, progress: bool = False,
+                        skip_bad: bool = False) -> list[Timeline | Skipped]:
     """:func:`predict_timeline` for each video with the model and settings of a run dir, checkpoint or Hub
-    folder; ``views`` defaults to one clip of the model's frames (crops as the model's views)."""
+    folder; ``views`` defaults to one clip of the model's frames (crops as the model's views), ``batch_size``
+    (windows per forward) to 4. With ``skip_bad`` a video that cannot be read gives a
+    :class:`~pks4.data.items.Skipped` in its place instead of ending the run. With ``views`` or ``batch_size``
+    given, a forward that would not fit in memory is refused first."""
     from pks4.data.sampling import parse_views
-    from pks4.engine.infer import _device, resolve_amp
+    from pks4.data.video import DataError, VideoError
+    from pks4.engine.infer import _device, check_memory, resolve_amp
     from pks4.engine.pretrained import load_for_inference
 
     parse_span(window, "--window"), parse_span(stride or window, "--stride")  # fail before loading
     amp_dtype = resolve_amp(amp, _device(device))
     model, info = load_for_inference(checkpoint, map_location=_device(device))
     spec = parse_views(views) if views else window_views(parse_views(info.views))
-    return [predict_timeline(model, v, info.classes, info.data, spec, window, stride, fps, amp_dtype=amp_dtype,
-                             batch_size=batch_size, progress=progress) for v in videos]
+    batch = batch_size or 4
+    if views is not None or batch_size is not None:
+        check_memory(model, spec.frames, info.data.size, batch * spec.clips * spec.crops, where="predict --window")
+    out: list[Timeline | Skipped] = []
+    for v in videos:
+        try:
+            out.append(predict_timeline(model, v, info.classes, info.data, spec, window, stride, fps,
+                                        amp_dtype=amp_dtype, batch_size=batch, progress=progress))
+        except DataError as exc:
+            if not skip_bad:
+                raise
+            out.append(Skipped(str(v), exc.reason if isinstance(exc, VideoError) else str(exc)))
+    return out

@@ -15,7 +15,7 @@ of that but the model, the loss and the evaluation is the loop's; this module su
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,12 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from pks4.data.datasets import resolved_paths
 from pks4.data.flex_sampler import FlexConfig, resolve_flex_config
 from pks4.data.items import Batch
 from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import RunConfig, config_to_dict, format_config
 from pks4.engine.infer import compute_metrics, confusion_matrix, evaluate, save_confusion_matrix
 from pks4.engine.loop import Loop, LoopSettings, RunResult, Task
+from pks4.engine.rundir import guarded_run_dir
 from pks4.engine.runtime import TrainingError, process_group, start_process
 from pks4.layers.geometry import TokenGeometry
 
@@ -57,19 +59,21 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     return model
 
 
-def build_datasets(cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
-    """Training set (augmented) and validation set (``eval.val_views``, default one centre view)."""
+def build_datasets(cfg: RunConfig, log: Log | None = None) -> tuple[Dataset, Dataset | None]:
+    """Training set (augmented) and validation set (``eval.val_views``, default one centre view); labels must lie
+    in [0, model.num_classes) when that is set. ``log`` hears what ``data.format: auto`` chose."""
     from pks4.data.datasets import build_dataset
     from pks4.data.sampling import parse_views
 
     for key in ("num_frames", "size"):  # fail before any video is opened, naming the key
         if getattr(cfg.data, key) < 1:
             raise TrainingError(f"data.{key}={getattr(cfg.data, key)}: expected an integer >= 1")
-    train_set = build_dataset(cfg.data, "train", train=True)
+    k = cfg.model.num_classes
+    train_set = build_dataset(cfg.data, "train", train=True, num_classes=k, log=log)
     val_set = None
     if cfg.data.val:
         views = parse_views(cfg.eval.val_views) if cfg.eval.val_views else None
-        val_set = build_dataset(cfg.data, "val", train=False, views=views)
+        val_set = build_dataset(cfg.data, "val", train=False, views=views, num_classes=k, log=log)
     return train_set, val_set
 
 
@@ -174,7 +178,7 @@ def build_trainer(cfg: RunConfig, resume: str | None = None, log: Log = print) -
     """The training loop of one ``pks4 train`` run, set up (and resumed, with ``resume``), not yet started."""
     dist_info = start_process(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
     main_log: Log = log if dist_info.is_main else (lambda msg: None)
-    train_set, val_set = build_datasets(cfg)
+    train_set, val_set = build_datasets(cfg, main_log)
     classes = resolve_classes(cfg, [str(c) for c in train_set.classes])
     model = build_model(cfg, len(classes))
     init_report = _init_from(cfg, model, resume, main_log)
@@ -185,9 +189,12 @@ def build_trainer(cfg: RunConfig, resume: str | None = None, log: Log = print) -
     return Loop(task, settings, dist_info, resume=resume, log=log)
 
 
-def train(cfg: RunConfig, resume: str | None = None, log: Log = print) -> RunResult:
-    """Print the resolved config and run the training; the process group is torn down afterwards."""
+def train(cfg: RunConfig, resume: str | None = None, log: Log = print, overwrite: bool = False) -> RunResult:
+    """Print the resolved config and run the training in ``cfg.out``, locked and never over an earlier run
+    (:func:`pks4.engine.rundir.guarded_run_dir`; ``overwrite`` moves one aside); the process group is torn down
+    afterwards. Data paths are stored absolute, so the run can be evaluated from any folder."""
+    cfg = replace(cfg, data=resolved_paths(cfg.data))
     if int(os.environ.get("RANK", "0")) == 0:
         log(format_config(cfg).rstrip())
-    with process_group():
+    with guarded_run_dir(cfg.out, resume=resume, overwrite=overwrite, log=log), process_group():
         return build_trainer(cfg, resume=resume, log=log).fit()
