@@ -181,10 +181,10 @@ def test_bad_options_are_one_line(hub, tmp_path, capsys):
     assert "onnx format cannot hold the custom op pks4::selective_scan" in one_error_line(capsys)
     assert main(["export", str(hub), out, "--format", "onnx", "--check-video", str(tmp_path / "none.mp4")]) == 2
     assert "none.mp4: --check-video video not found" in one_error_line(capsys)
-    for argv in (["--batch", "0"], ["--format", "tflite"]):
-        with pytest.raises(SystemExit) as stop:
-            main(["export", str(hub), out, "--format", "onnx", *argv])
-        assert stop.value.code == 2
+    for argv, option in ((["--batch", "0"], "--batch"), (["--format", "tflite"], "--format"),
+                         (["--tolerance", "0"], "--tolerance")):
+        assert main(["export", str(hub), out, "--format", "onnx", *argv]) == 2
+        assert f"export {option}" in one_error_line(capsys)
     for bad in (dict(format="tflite"), dict(scan="cuda"), dict(batch=0), dict(tolerance=0.0),
                 dict(format="torchscript", scan="op")):
         with pytest.raises(ExportError):

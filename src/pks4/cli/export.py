@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from pks4.cli.checks import number
+
 __all__ = ["add_parsers"]
 
 
@@ -51,7 +53,7 @@ def add_parsers(sub: Any) -> None:
     ex.add_argument("--check-video", metavar="VIDEO",
                     help="video whose test views the check runs (default: a built-in benchmark clip)")
     ex.add_argument("--no-check", action="store_true", help="write the file without comparing it with PyTorch")
-    ex.add_argument("--tolerance", type=float, default=1e-4,
+    ex.add_argument("--tolerance", type=number(0, above=True), default=1e-4,
                     help="max abs logit difference the check accepts (default 1e-4; exit code 1 above it)")
     ex.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     ex.add_argument("--json", action="store_true", help="print the report as JSON")
