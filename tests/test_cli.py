@@ -148,3 +148,14 @@ def test_help_names_only_commands_that_exist(capsys):
         named[command] = set(re.findall(r"`pks4 ([a-z-]+)", text))
         assert named[command] <= commands, f"`pks4 {command} --help` names {named[command] - commands}"
     assert "recipes" in named["train"] and "recipes" in named["pretrain"]
+
+
+def test_python_dash_m_pks4_is_the_same_command_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pks4", "recipes"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "demo" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "pks4", "predict", "x.mp4", "--topk", "0"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "--topk" in bad.stderr and "Traceback" not in bad.stderr
