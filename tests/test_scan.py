@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pks4.ssm import scan, scan_native, scan_triton
-from pks4.ssm.scan import available_backends, selective_scan, selective_scan_ref, selective_state_update
+from pks4.ssm.scan import available_backends, resolve_backend, selective_scan, selective_scan_ref, selective_state_update
 from scan_testing import NAMES, assert_matches, assert_rel, detached, make_inputs, run
 
 def fast_backends():
@@ -155,6 +155,12 @@ def test_shape_errors_name_the_tensor():
         selective_scan(**x)
     with pytest.raises(ValueError, match="unknown backend"):
         selective_scan(**make_inputs(), backend="nope")
+
+
+def test_an_unknown_backend_from_the_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv("PKS4_SCAN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="unknown PKS4_SCAN_BACKEND='bogus'"):
+        resolve_backend("auto", "cpu")
 
 
 def test_environment_variable_picks_backend(monkeypatch):

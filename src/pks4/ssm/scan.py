@@ -205,14 +205,15 @@ def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu",
     ``native`` without a working C++ compiler resolves to ``loop`` (with one warning).
     """
     device = torch.device(device)
-    name = backend.strip().lower()
-    if name == "auto":
-        name = os.environ.get("PKS4_SCAN_BACKEND", "auto").strip().lower() or "auto"
+    name, source = backend.strip().lower(), f"backend {backend!r}"
+    if name == "auto" and os.environ.get("PKS4_SCAN_BACKEND", "").strip():
+        name = os.environ["PKS4_SCAN_BACKEND"].strip().lower()
+        source = f"PKS4_SCAN_BACKEND={os.environ['PKS4_SCAN_BACKEND']!r}"
     name = _ALIASES.get(name, name)
     if name == "auto":
         return _auto(device, dtype)
     if name not in BACKENDS:
-        raise ValueError(f"selective_scan: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+        raise ValueError(f"selective_scan: unknown {source}; expected 'auto' or one of {BACKENDS}")
     _require(name, device, dtype)
     if name == "native" and not _native_available():
         return "loop"  # already warned once by native_lib
