@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pks4.ssm import scan, scan_native, scan_triton
-from pks4.ssm.scan import available_backends, resolve_backend, selective_scan, selective_scan_ref, selective_state_update
+from pks4.ssm.scan import (available_backends, resolve_backend, selective_scan, selective_scan_ref,
+                           selective_state_update)
 from scan_testing import NAMES, assert_matches, assert_rel, detached, make_inputs, run
 
 def fast_backends():
