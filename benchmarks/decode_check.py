@@ -72,7 +72,7 @@ def time_open(reader, path: Path) -> float:
     if hasattr(reader, "_Source"):
         reader._Source(path).close()
     else:
-        reader._open(path).close()
+        reader.open_video(path).close()
     return time.process_time() - begin
 
 

@@ -13,7 +13,7 @@ import pks4
 import pks4.data.video as video_module
 from inference_fixtures import FPS, clf, data, long_video, run, val_videos  # noqa: F401 (fixtures)
 from pks4.cli import main
-from pks4.data.datasets import _sampler
+from pks4.data.datasets import frame_sampler
 from pks4.data.synth import write_video
 from pks4.data.video import DataError, read_frames
 from pks4.engine.timeline import Span, parse_span, stream_instants, window_starts
@@ -50,7 +50,7 @@ def _instants(path, fps):
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         frames = stream_instants(container, stream, fps)
-        return [(j, round(float(video_module._to_rgb(f).mean()) / 10)) for j, f in frames]
+        return [(j, round(float(video_module.frame_to_rgb(f).mean()) / 10)) for j, f in frames]
 
 
 @pytest.mark.parametrize("fps", [8.0, 16.0, 4.0, 3.0])
@@ -87,10 +87,10 @@ def test_each_needed_frame_is_converted_once(clf, long_video, monkeypatch):
         calls.append(frame.pts)
         return original(frame)
 
-    original = video_module._to_rgb
-    monkeypatch.setattr(video_module, "_to_rgb", counting)
+    original = video_module.frame_to_rgb
+    monkeypatch.setattr(video_module, "frame_to_rgb", counting)
     tl = clf.timeline(long_video, 16, 8)
-    offsets = _sampler(clf.spec.data, 8, False, 1)(16)
+    offsets = frame_sampler(clf.spec.data, 8, False, 1)(16)
     needed = {s + o for s in tl.starts for o in offsets}
     assert len(calls) == len(needed) == len(set(calls))
 
@@ -102,8 +102,8 @@ def _noise_video(path, n):
 
 def test_memory_is_flat_in_the_videos_length(clf, tmp_path, monkeypatch):
     # PyAV hands frames over in buffers tracemalloc does not see; a NumPy copy of each makes them count
-    original = video_module._to_rgb
-    monkeypatch.setattr(video_module, "_to_rgb", lambda frame: original(frame).copy())
+    original = video_module.frame_to_rgb
+    monkeypatch.setattr(video_module, "frame_to_rgb", lambda frame: original(frame).copy())
     paths = {n: _noise_video(tmp_path / f"noise{n}.mp4", n) for n in (48, 192)}
     clf.timeline(paths[48], 16, 8)  # warm-up: first-call allocations are not the timeline's
     peaks, held = {}, {}

@@ -30,9 +30,10 @@ Video = Any  # a file path, or the uint8 frames (L, H, W, 3) of one video
 
 
 def _device(pref: str | torch.device) -> torch.device:
-    if str(pref) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(pref)
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (or a torch.device); a device this machine lacks is an error."""
+    from pks4.engine.runtime import resolve_device
+
+    return resolve_device(str(pref), "device")
 
 
 class VideoClassifier:

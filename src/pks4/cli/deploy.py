@@ -44,13 +44,13 @@ def _format(pred: dict[str, Any]) -> str:
 def _stream_cmd(args: argparse.Namespace) -> int:
     from pks4.engine.stream import stream_checkpoint
 
-    from .evaluation import _note_topk
+    from .evaluation import note_topk
 
     for n, pred in enumerate(stream_checkpoint(args.checkpoint, args.source, topk=args.topk,
                                                frame_step=args.frame_step, every=args.every,
                                                max_frames=args.max_frames, size=args.size, device=args.device)):
         if n == 0:  # a --topk above the class count shows every class, once said
-            _note_topk(args.topk, [len(pred["topk"])])
+            note_topk(args.topk, [len(pred["topk"])])
         print(json.dumps(pred) if args.json else _format(pred), flush=True)
     return 0
 

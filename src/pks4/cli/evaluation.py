@@ -92,7 +92,7 @@ def _predict_cmd(args: argparse.Namespace) -> int:
                                  device=args.device, frames=args.frames, size=args.size,
                                  patch_policy=args.patch_policy, amp=args.amp, batch_size=args.batch_size,
                                  num_workers=args.workers, progress=not args.quiet, skip_bad=True)
-    _note_topk(args.topk, [len(r["topk"]) for r in results if "topk" in r])
+    note_topk(args.topk, [len(r["topk"]) for r in results if "topk" in r])
     failures = []
     for res in results:
         if "error" in res:
@@ -105,7 +105,7 @@ def _predict_cmd(args: argparse.Namespace) -> int:
     return _failed(failures, len(results))
 
 
-def _note_topk(asked: int, shown: list[int]) -> None:
+def note_topk(asked: int, shown: list[int]) -> None:
     if shown and max(shown) < asked:
         _stderr(f"note: --topk {asked} is more than the model's {max(shown)} classes: all {max(shown)} are shown")
 
@@ -125,7 +125,7 @@ def _timeline_cmd(args: argparse.Namespace) -> int:
     timelines = timeline_checkpoint(args.checkpoint, args.videos, args.window, args.stride, args.fps,
                                     views=args.views, device=args.device, amp=args.amp,
                                     batch_size=args.batch_size, progress=not args.quiet, skip_bad=True)
-    _note_topk(args.topk, [len(tl.classes) for tl in timelines if not isinstance(tl, Skipped)])
+    note_topk(args.topk, [len(tl.classes) for tl in timelines if not isinstance(tl, Skipped)])
     failures, n = [], 0
     for tl in timelines:
         if isinstance(tl, Skipped):

@@ -43,6 +43,8 @@ __all__ = [
     "DatasetFormat",
     "register_format",
     "dataset_formats",
+    "frame_sampler",
+    "eval_views",
     "build_dataset",
     "resolved_paths",
     "guess_format",
@@ -660,7 +662,7 @@ def _drop_missing(parsed: Parsed, cfg: DataConfig, source: Path) -> tuple[list[S
 # -------------------------------------------------------------------------------------------- the dataset
 
 
-def _sampler(cfg: DataConfig, num_frames: int, train: bool, clips: int) -> Callable[[int], list[int]]:
+def frame_sampler(cfg: DataConfig, num_frames: int, train: bool, clips: int) -> Callable[[int], list[int]]:
     """Indices for all ``clips`` clips, concatenated clip after clip, given the video's frame count."""
 
     def choose(total: int) -> list[int]:
@@ -694,7 +696,7 @@ def _count_frame_files(d: Path, cfg: DataConfig) -> int:
     return n
 
 
-def _eval_views(frames: torch.Tensor, views: ViewSpec, size: int, cfg: DataConfig) -> torch.Tensor:
+def eval_views(frames: torch.Tensor, views: ViewSpec, size: int, cfg: DataConfig) -> torch.Tensor:
     """Frames of all clips (clips*T, H, W, 3) -> (clips*crops, T, 3, size, size), clip-major."""
     tf = EvalTransform(size=size, short_side=max(cfg.short_side, size), num_crops=views.crops,
                        mean=cfg.mean, std=cfg.std)
@@ -763,11 +765,11 @@ class VideoDataset(Dataset):
 
     def _load(self, sample: Sample) -> tuple[torch.Tensor, int]:
         if self.train:
-            frames = self._read(sample, _sampler(self.cfg, self.cfg.num_frames, True, 1))
+            frames = self._read(sample, frame_sampler(self.cfg, self.cfg.num_frames, True, 1))
             return self._train_tf(frames, sample.label)
         views = self.views or ViewSpec(self.cfg.num_frames, 1, 1)
-        frames = self._read(sample, _sampler(self.cfg, views.frames, False, views.clips))
-        video = _eval_views(frames, views, self.cfg.size, self.cfg)
+        frames = self._read(sample, frame_sampler(self.cfg, views.frames, False, views.clips))
+        video = eval_views(frames, views, self.cfg.size, self.cfg)
         return (video if self.views is not None else video[0]), sample.label
 
 
@@ -789,8 +791,8 @@ def load_video_views(path: str | os.PathLike, num_frames: int, size: int, views:
     sampling rule and normalisation come from ``cfg``, exactly as in evaluation.
     """
     spec = ViewSpec(num_frames, views.clips, views.crops)
-    frames = _read_clip_frames(Sample(str(path), -1), cfg, _sampler(cfg, num_frames, False, spec.clips))
-    return _eval_views(frames, spec, size, cfg)
+    frames = _read_clip_frames(Sample(str(path), -1), cfg, frame_sampler(cfg, num_frames, False, spec.clips))
+    return eval_views(frames, spec, size, cfg)
 
 
 # -------------------------------------------------------------------------------------------- checking

@@ -48,6 +48,9 @@ __all__ = [
     "read_sampled",
     "read_raw_frames",
     "read_image",
+    "open_video",
+    "stream_fps",
+    "frame_to_rgb",
 ]
 
 # Demuxers that FFmpeg uses for single still images: opening a .jpg "works" but yields one frame, which
@@ -85,7 +88,7 @@ class VideoInfo:
     mismatch: str = ""
 
 
-def _open(path: str | os.PathLike) -> av.container.InputContainer:
+def open_video(path: str | os.PathLike) -> av.container.InputContainer:
     """Open ``path`` for decoding, turning every failure into a VideoError that says what is wrong."""
     p = Path(path)
     try:
@@ -138,7 +141,7 @@ def _video_stream(container: av.container.InputContainer, path: str | os.PathLik
                            "a truncated mp4 loses its index and shows up like this")
 
 
-def _stream_fps(stream: av.video.stream.VideoStream) -> float:
+def stream_fps(stream: av.video.stream.VideoStream) -> float:
     for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
         if rate is not None and float(rate) > 0:
             return float(rate)
@@ -163,7 +166,7 @@ _REFORMATTERS = threading.local()
 _INHERITED: list = []
 
 
-def _to_rgb(frame: av.VideoFrame, size: tuple[int, int] | None = None) -> np.ndarray:
+def frame_to_rgb(frame: av.VideoFrame, size: tuple[int, int] | None = None) -> np.ndarray:
     """RGB uint8 (H, W, 3) with rotation metadata applied; grayscale and odd sizes convert here. With ``size``
     (width, height) a frame of another size is scaled to it in the same conversion.
 
@@ -255,7 +258,7 @@ def _rewind(container) -> bool:
 
 def _timeline(container, stream, path) -> _Timeline:
     """Frame count and rate from the header, checked against the packets (module docstring)."""
-    fps = _stream_fps(stream)
+    fps = stream_fps(stream)
     if int(container.format.flags) & _NO_TIMESTAMPS or stream.time_base is None:
         n, _ = _packets(container, stream)
         if n == 0:
@@ -288,7 +291,7 @@ class _Source:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = path
-        self.container = _open(path)
+        self.container = open_video(path)
         try:
             self.stream = _video_stream(self.container, path)
             self.timeline = _timeline(self.container, self.stream, path)
@@ -303,7 +306,7 @@ class _Source:
         """Back to the first packet, reopening the file when the container cannot seek (raw streams)."""
         if not _rewind(self.container):
             self.container.close()
-            self.container = _open(self.path)
+            self.container = open_video(self.path)
             self.stream = _video_stream(self.container, self.path)
 
     def close(self) -> None:
@@ -326,7 +329,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     """
     with _Source(path) as src:
         src.restart()
-        img = _to_rgb(_first_frame(src.container, src.stream, path))
+        img = frame_to_rgb(_first_frame(src.container, src.stream, path))
         t = src.timeline
         return VideoInfo(num_frames=t.num_frames, fps=t.fps, duration=t.duration, height=img.shape[0],
                          width=img.shape[1], mismatch=t.mismatch)
@@ -386,7 +389,7 @@ def read_sampled(path: str | os.PathLike, choose: Callable[[int], Sequence[int]]
 
 
 class _Converter:
-    """``_to_rgb`` at the stream's declared size; remembers the other sizes it had to scale from."""
+    """``frame_to_rgb`` at the stream's declared size; remembers the other sizes it had to scale from."""
 
     def __init__(self, size: tuple[int, int] | None) -> None:
         self.size = size
@@ -395,7 +398,7 @@ class _Converter:
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
         if self.size is not None and (frame.width, frame.height) != self.size:
             self.resized.add(f"{frame.width}x{frame.height}")
-        return _to_rgb(frame, self.size)
+        return frame_to_rgb(frame, self.size)
 
 
 def _decode(container, stream, *, to_the_end: bool):

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pks4.data.items import Batch, Item, Skipped, collate, noted, show_notes
+from pks4.engine.runtime import resolve_device
 from pks4.errors import UserError
 
 __all__ = [
@@ -252,19 +253,19 @@ def topk_labels(probs: torch.Tensor, classes: Sequence[str], k: int) -> list[lis
 def clip_views(frames: torch.Tensor, spec: Any, size: int, data_cfg: Any) -> torch.Tensor:
     """Sampled frames of ``spec.clips`` clips, uint8 (clips*T, H, W, 3) -> test views (clips*crops, T, 3, size, size),
     resized, cropped and normalised exactly as evaluation does it (``data_cfg``: short side, mean, std)."""
-    from pks4.data.datasets import _eval_views
+    from pks4.data.datasets import eval_views
 
-    return _eval_views(frames, spec, size, data_cfg)
+    return eval_views(frames, spec, size, data_cfg)
 
 
 def frames_to_views(frames: torch.Tensor, spec: Any, size: int, data_cfg: Any) -> torch.Tensor:
     """Every frame of one video, uint8 (L, H, W, 3) -> its test views, sampled as a file of those L frames is."""
-    from pks4.data.datasets import _sampler
+    from pks4.data.datasets import frame_sampler
 
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8 or len(frames) == 0:
         raise ValueError(f"expected the frames of one video as uint8 (L, H, W, 3), got {frames.dtype} "
                          f"{tuple(frames.shape)}")
-    index = _sampler(data_cfg, spec.frames, False, spec.clips)(len(frames))
+    index = frame_sampler(data_cfg, spec.frames, False, spec.clips)(len(frames))
     return clip_views(frames[torch.as_tensor(index)], spec, size, data_cfg)
 
 
@@ -378,12 +379,6 @@ def predict_videos(model: nn.Module, paths: Sequence[Any], classes: Sequence[str
     return results
 
 
-def _device(pref: str) -> torch.device:
-    from pks4.engine.runtime import resolve_device
-
-    return resolve_device(pref)
-
-
 def check_memory(model: nn.Module, frames: int, size: int, clips: int, *, chunk: int = 16, where: str = "inference"
                  ) -> None:
     """Refuse, before any video is read, a run whose forward would not fit in the memory free on the model's
@@ -472,8 +467,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_list: str | None = None, da
     patch_policy = _check_patch_policy(patch_policy)
     if out_dir is not None:
         check_destination(out_dir, option="--out", what="output folder", min_free=0)
-    amp_dtype = resolve_amp(amp, _device(device))
-    model, cfg, classes = load_model_from_checkpoint(checkpoint, map_location=_device(device))
+    amp_dtype = resolve_amp(amp, resolve_device(device))
+    model, cfg, classes = load_model_from_checkpoint(checkpoint, map_location=resolve_device(device))
     data_cfg = _eval_data(cfg.data, data_list, data_root, data_format)
     spec = parse_views(views or cfg.eval.views)
     if frames is not None:
@@ -514,8 +509,8 @@ def predict_checkpoint(checkpoint: str | Path, videos: Sequence[str | Path], vie
     from pks4.engine.pretrained import load_for_inference
 
     patch_policy = _check_patch_policy(patch_policy)
-    amp_dtype = resolve_amp(amp, _device(device))
-    model, info = load_for_inference(checkpoint, map_location=_device(device))
+    amp_dtype = resolve_amp(amp, resolve_device(device))
+    model, info = load_for_inference(checkpoint, map_location=resolve_device(device))
     spec = parse_views(views or info.views)
     spec = replace(spec, frames=frames) if frames is not None else spec
     data_cfg = data_config_at(info.data, spec.frames, size) if size is not None else info.data

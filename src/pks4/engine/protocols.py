@@ -428,9 +428,9 @@ def load_checkpoint_data(checkpoint: str, splits: Sequence[str], *, device: str 
     """
     from pks4.data.datasets import build_dataset
     from pks4.engine.checkpoint import load_model_from_checkpoint
-    from pks4.engine.infer import _device
+    from pks4.engine.runtime import resolve_device
 
-    model, cfg, classes = load_model_from_checkpoint(checkpoint, map_location=_device(device))
+    model, cfg, classes = load_model_from_checkpoint(checkpoint, map_location=resolve_device(device))
     given = bool(data or train_data)
     data_cfg = replace(cfg.data, train=train_data or cfg.data.train, val=data or cfg.data.val,
                        root=data_root if data_root is not None else ("" if given else cfg.data.root),

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pks4.data.video import VideoError, _to_rgb, probe_video
+from pks4.data.video import VideoError, frame_to_rgb, probe_video
 
 __all__ = ["StreamingModel", "Frame", "is_camera", "read_frames_in_order", "frame_transform",
            "stream_predictions", "stream_checkpoint"]
@@ -99,7 +99,7 @@ def read_frames_in_order(source: str) -> Iterator[Frame]:
         for frame in container.decode(stream):
             seconds = float(frame.time) if frame.time is not None else index / float(stream.average_rate or 25)
             first = seconds if first is None else first
-            yield Frame(index, seconds - first, _to_rgb(frame))
+            yield Frame(index, seconds - first, frame_to_rgb(frame))
             index += 1
     except av.error.FFmpegError as e:
         raise VideoError(name, f"decoding failed after {index} frames ({e.strerror or e})") from e
@@ -162,13 +162,14 @@ def stream_checkpoint(checkpoint: str | Path, source: str, *, topk: int = 5, fra
     and evaluation transform; ``size`` (default: the run's ``data.size``) embeds frames of another size with
     the stored patch size. Bad options, the source and the model are checked before the first frame."""
     from pks4.engine.checkpoint import load_model_from_checkpoint
-    from pks4.engine.infer import _device, check_memory
+    from pks4.engine.infer import check_memory
+    from pks4.engine.runtime import resolve_device
     from pks4.models.base import geometry_for
 
     _check_counts(topk=topk, frame_step=frame_step, every=every, max_frames=max_frames, size=size)
     frames = read_frames_in_order(source)
     first = next(frames, None)  # opens the source: a missing camera or a non-video fails before the model loads
-    model, cfg, classes = load_model_from_checkpoint(checkpoint, map_location=_device(device))
+    model, cfg, classes = load_model_from_checkpoint(checkpoint, map_location=resolve_device(device))
     _check_streaming(model, checkpoint)
     size = size or cfg.data.size
     geometry = None if size == cfg.data.size else geometry_for(model, 1, size)

@@ -153,9 +153,9 @@ def stream_instants(container: Any, stream: Any, fps: float) -> Iterator[tuple[i
     stays on screen until the next one: at a rate above the video's, frames repeat; below it, some are skipped.
     The last instant is the last frame's. Frames are yielded as PyAV frames: the caller converts the ones it needs.
     """
-    from pks4.data.video import _stream_fps
+    from pks4.data.video import stream_fps
 
-    tb, start, native = stream.time_base, stream.start_time or 0, _stream_fps(stream)
+    tb, start, native = stream.time_base, stream.start_time or 0, stream_fps(stream)
     prev, nxt = None, 0
     for counter, frame in enumerate(container.decode(stream)):
         if frame.pts is None or tb is None:
@@ -196,19 +196,19 @@ def predict_timeline(model: nn.Module, path: str | Path, classes: Sequence[str],
                      amp_dtype: torch.dtype | None = None, batch_size: int = 4, progress: bool = False) -> Timeline:
     """Classify every window of ``path`` (``window`` / ``stride``: frames at ``fps`` or seconds, see
     :func:`parse_span`; stride defaults to the window) with ``views`` (a ViewSpec) made as in evaluation."""
-    from pks4.data.datasets import _sampler
-    from pks4.data.video import VideoError, _open, _stream_fps, _to_rgb
+    from pks4.data.datasets import frame_sampler
+    from pks4.data.video import VideoError, open_video, stream_fps, frame_to_rgb
     from pks4.engine.infer import progress_bar
 
     win_span, stride_span = parse_span(window, "--window"), parse_span(stride or window, "--stride")
     if fps is not None and not fps > 0:
         raise ValueError(f"--fps {fps}: must be greater than 0")
-    container = _open(path)
+    container = open_video(path)
     try:
         stream = container.streams.video[0]
-        rate = float(fps or _stream_fps(stream))
+        rate = float(fps or stream_fps(stream))
         win, step = win_span.frames(rate, "--window"), stride_span.frames(rate, "--stride")
-        offsets = _sampler(data_cfg, views.frames, False, views.clips)(win)  # instants each window samples
+        offsets = frame_sampler(data_cfg, views.frames, False, views.clips)(win)  # instants each window samples
         scorer = _WindowScorer(model, data_cfg, views, amp_dtype, batch_size)
         held: dict[int, np.ndarray] = {}
         needed, peak, next_start, last = set(offsets), 0, 0, -1
@@ -217,7 +217,7 @@ def predict_timeline(model: nn.Module, path: str | Path, classes: Sequence[str],
             for j, frame in stream_instants(container, stream, rate):
                 last = j
                 if any(j - s in needed for s in window_starts(j, win, step)):
-                    held[j] = _to_rgb(frame)
+                    held[j] = frame_to_rgb(frame)
                     peak = max(peak, len(held))
                 if j == next_start + win - 1:  # the window starting at next_start has all its frames
                     scorer.add(np.stack([held[next_start + o] for o in offsets]))
@@ -280,12 +280,13 @@ def timeline_checkpoint(checkpoint: str | Path, videos: Sequence[str | Path], wi
     given, a forward that would not fit in memory is refused first."""
     from pks4.data.sampling import parse_views
     from pks4.data.video import DataError, VideoError
-    from pks4.engine.infer import _device, check_memory, resolve_amp
+    from pks4.engine.infer import check_memory, resolve_amp
+    from pks4.engine.runtime import resolve_device
     from pks4.engine.pretrained import load_for_inference
 
     parse_span(window, "--window"), parse_span(stride or window, "--stride")  # fail before loading
-    amp_dtype = resolve_amp(amp, _device(device))
-    model, info = load_for_inference(checkpoint, map_location=_device(device))
+    amp_dtype = resolve_amp(amp, resolve_device(device))
+    model, info = load_for_inference(checkpoint, map_location=resolve_device(device))
     spec = parse_views(views) if views else window_views(parse_views(info.views))
     batch = batch_size or 4
     if views is not None or batch_size is not None:

@@ -31,7 +31,7 @@ import torch
 
 from pks4.layers.posembed import resize_pos_embed_2d
 from pks4.models.clip_vit import CLIPVisionConfig, CLIPVisionTransformer
-from pks4.weights.files import (CheckpointError, _key_list, is_torchscript, load_state_dict_strict,
+from pks4.weights.files import (CheckpointError, key_list, is_torchscript, load_state_dict_strict,
                                 read_checkpoint_file, read_hf_config, read_open_clip_config)
 
 __all__ = ["ClipTowerCheckpoint", "clip_vision_state_dict", "infer_clip_vision_config", "read_clip_tower",
@@ -75,7 +75,7 @@ def _hf_to_openai(vision: Mapping[str, torch.Tensor], source: str | Path) -> dic
     for (layer, kind), parts in sorted(qkv.items()):
         absent = [f"encoder.layers.{layer}.self_attn.{n}_proj.{kind}" for n in "qkv" if n not in parts]
         if absent:
-            raise CheckpointError(source, f"attention projection incomplete, missing {_key_list(absent)}")
+            raise CheckpointError(source, f"attention projection incomplete, missing {key_list(absent)}")
         suffix = "in_proj_weight" if kind == "weight" else "in_proj_bias"
         out[f"transformer.resblocks.{layer}.attn.{suffix}"] = torch.cat([parts[n] for n in "qkv"], dim=0)
     return out
@@ -118,7 +118,7 @@ def clip_vision_state_dict(
         source,
         "not a CLIP vision checkpoint: expected OpenAI/open_clip keys ('visual.conv1.weight', "
         "'visual.class_embedding', ...) or Hugging Face keys ('[vision_model.]embeddings.patch_embedding.weight', "
-        f"...); found keys: {_key_list(sorted(state_dict))}",
+        f"...); found keys: {key_list(sorted(state_dict))}",
     )
 
 

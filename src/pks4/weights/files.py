@@ -25,7 +25,7 @@ from torch import nn
 from pks4.errors import UserError
 
 __all__ = ["CheckpointError", "LoadReport", "read_checkpoint_file", "is_torchscript", "read_hf_config",
-           "read_open_clip_config", "load_state_dict_strict"]
+           "read_open_clip_config", "load_state_dict_strict", "key_list"]
 
 logger = logging.getLogger("pks4.weights")
 
@@ -44,7 +44,7 @@ class CheckpointError(UserError):
         super().__init__(f"{self.path}: {message}")
 
 
-def _key_list(keys: Sequence[str], limit: int = 20) -> str:
+def key_list(keys: Sequence[str], limit: int = 20) -> str:
     keys = list(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
@@ -118,7 +118,7 @@ def _read_hf_folder(path: Path) -> dict[str, torch.Tensor]:
             out.update(read_checkpoint_file(path / shard))
         return out
     found = sorted(p.name for p in path.iterdir())
-    raise CheckpointError(path, f"folder holds none of {list(_HF_WEIGHT_FILES)}; found: {_key_list(found)}")
+    raise CheckpointError(path, f"folder holds none of {list(_HF_WEIGHT_FILES)}; found: {key_list(found)}")
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -132,7 +132,7 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
         obj = inner
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise CheckpointError(path, f"no tensors found; top-level keys: {_key_list([str(k) for k in obj])}")
+        raise CheckpointError(path, f"no tensors found; top-level keys: {key_list([str(k) for k in obj])}")
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
     return tensors
@@ -241,11 +241,11 @@ def load_state_dict_strict(
     bad_shapes = [f"{k}: {a} vs {b}" for k, a, b in mismatched if not allowed(k)]
     bad = []
     if bad_missing:
-        bad.append(f"missing keys (in the model, not in the checkpoint): {_key_list(bad_missing)}")
+        bad.append(f"missing keys (in the model, not in the checkpoint): {key_list(bad_missing)}")
     if bad_unexpected:
-        bad.append(f"unexpected keys (in the checkpoint, not in the model): {_key_list(bad_unexpected)}")
+        bad.append(f"unexpected keys (in the checkpoint, not in the model): {key_list(bad_unexpected)}")
     if bad_shapes:
-        bad.append(f"shape mismatches (key: checkpoint vs model): {_key_list(bad_shapes)}")
+        bad.append(f"shape mismatches (key: checkpoint vs model): {key_list(bad_shapes)}")
     if bad:
         raise CheckpointError(source, f"does not fit {type(module).__name__}; " + "; ".join(bad))
     skip = {k for k, _, _ in mismatched}

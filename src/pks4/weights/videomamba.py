@@ -39,7 +39,7 @@ from torch import Tensor
 
 from pks4.layers.posembed import inflate_patch_kernel, resize_pos_embed_2d, resize_temporal_pos_embed
 from pks4.models.videomamba import VideoMamba, resize_joint_pos_embed
-from pks4.weights.files import CheckpointError, LoadReport, _key_list, load_state_dict_strict, read_checkpoint_file
+from pks4.weights.files import CheckpointError, LoadReport, key_list, load_state_dict_strict, read_checkpoint_file
 
 __all__ = ["VideoMambaLoadReport", "load_videomamba_checkpoint", "load_videomamba_state_dict",
            "convert_videomamba_state_dict", "joint_pos_from_image", "PRETRAINING_ONLY_KEYS"]
@@ -73,7 +73,7 @@ def _drop_pretraining_keys(sd: dict[str, Tensor], model: VideoMamba, source: str
         del sd[key]
     logger.warning("%s: masked-pretraining checkpoint: %d keys a %s classifier has no place for were dropped "
                    "(norm_f and the head keep their initialisation): %s", source, len(dropped), model.model_name,
-                   _key_list(dropped, limit=len(dropped)))
+                   key_list(dropped, limit=len(dropped)))
     return dropped
 
 
@@ -225,7 +225,7 @@ def load_videomamba_state_dict(model: VideoMamba, raw: dict[str, Tensor], source
     allowed = (["head.weight", "head.bias"] if reinit else []) + (["norm_f.*"] if dropped else [])
     load = load_state_dict_strict(model, sd, source, allow_partial=allowed or None)
     if dropped:
-        notes.append(f"masked-pretraining keys dropped: {_key_list(dropped, limit=len(dropped))}")
+        notes.append(f"masked-pretraining keys dropped: {key_list(dropped, limit=len(dropped))}")
     if reinit:
         notes.append(f"head: re-initialised for {model.num_classes} classes (checkpoint head not used)")
     for note in notes:
