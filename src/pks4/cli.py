@@ -9,6 +9,7 @@
     pks4 predict VIDEO... --checkpoint CKPT_OR_RUNDIR [--topk 5] [--json] [--frames T] [--size S]
     pks4 retrieval | linear-probe | embed --checkpoint CKPT_OR_RUNDIR [--frames T] [--size S] ...
     pks4 data check LIST_OR_DIR | pks4 data synth OUT_DIR [--seed N] [--train-per-class N] [--val-per-class N]
+    pks4 data captions SYNTH_DIR [--no-vocab]
     pks4 models | pks4 demo [--out DIR]
 
 Bad input (missing files, unreadable videos, unknown config keys, checkpoints that do not fit) ends with one
@@ -124,6 +125,19 @@ def _data_synth_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_captions_cmd(args: argparse.Namespace) -> int:
+    from pks4.data.synth_captions import write_synth_captions
+
+    files = write_synth_captions(args.synth_dir)
+    print("wrote " + ", ".join(str(f) for f in files.values()))
+    if not args.no_vocab:
+        from pks4.models.text import build_vocab  # needs the text extra (transformers, tokenizers)
+
+        texts = [c for f in files.values() for e in json.loads(f.read_text()) for c in e["caption"]]
+        print(f"wrote {build_vocab(texts, Path(args.synth_dir) / 'text')}")
+    return 0
+
+
 def _models_cmd(args: argparse.Namespace) -> int:
     from pks4.models.registry import count_parameters, create_model, get_spec, list_models
 
@@ -200,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--frames", type=int, default=16, help="frames per clip (default 16)")
     syn.add_argument("--size", type=int, default=64, help="frame side in pixels (default 64)")
     syn.set_defaults(func=_data_synth_cmd)
+    cap = data.add_parser("captions", help="caption the built-in benchmark (captions_<split>.json, text/vocab.txt)")
+    cap.add_argument("synth_dir", metavar="SYNTH_DIR", help="a folder written by `pks4 data synth`")
+    cap.add_argument("--no-vocab", action="store_true", help="do not write SYNTH_DIR/text/vocab.txt (the captions' "
+                     "words, for a small text encoder)")
+    cap.set_defaults(func=_data_captions_cmd)
     sub.add_parser("models", help="registered models and parameter counts").set_defaults(func=_models_cmd)
     demo = sub.add_parser("demo", help="synthetic benchmark: tiny PKS4 vs frame-average baseline on CPU")
     demo.add_argument("--out", default="runs/demo")
