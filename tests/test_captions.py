@@ -153,7 +153,7 @@ def test_malformed_files_name_the_problem(tmp_path, fmt, text, match):
 def test_unknown_format_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="caption format 'vatex'"):
         read_captions(tmp_path / "x.json", "vatex")
-    with pytest.raises(DatasetError, match="caption file not found"):
+    with pytest.raises(DatasetError, match="annotation file not found"):
         read_captions(tmp_path / "x.json", "json")
 
 

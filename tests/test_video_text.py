@@ -133,6 +133,9 @@ def test_masking_keeps_half_of_an_image_and_a_fifth_of_a_video(folder):
     keep_image, _ = model.choose_visible(torch.randn(2, 1, 3, 32, 32), None)
     assert keep_video.shape == (2, 1 + 4 * round(16 * 0.2)) and keep_image.shape == (2, 1 + 16 // 2)
     assert (keep_image[:, 0] == 0).all() and (keep_image[:, 1:] >= 1).all()  # CLS always visible
+    topk, _ = _model(folder, mask_sample=False)
+    first, second = (topk.choose_visible(torch.randn(1, 4, 3, 32, 32), None)[0] for _ in range(2))
+    assert not torch.equal(first, second)  # no teacher: random, even where a teacher's top-k was asked for
 
 
 def test_model_losses_are_the_objectives_on_its_features(folder):
@@ -269,6 +272,8 @@ def test_task_evaluates_zero_shot_retrieval_and_reranks(folder, captioned):
         assert 0.0 <= metrics[key] <= 100.0
     assert metrics["t2v_r10"] == 100.0 and 1.0 <= metrics["t2v_mdr"] <= 10.0
     assert metrics["rerank_t2v_r10"] == metrics["t2v_r10"]  # re-ranking reorders the top 3 only
+    with pytest.raises(ValueError, match="per='video'"):
+        task.evaluate(_loader(captioned, "val", "caption", 4))
 
 
 def test_task_refuses_alignment_without_a_teacher(folder):

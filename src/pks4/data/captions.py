@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import VIDEO_SUFFIXES, DataConfig, DatasetError, Sample, VideoDataset
+from .datasets import VIDEO_SUFFIXES, DataConfig, DatasetError, Sample, VideoDataset, _read_lines
 from .video import read_image
 
 __all__ = ["CaptionSet", "CAPTION_FORMATS", "read_captions", "write_caption_json", "CaptionDataset"]
@@ -148,12 +148,7 @@ def _named(root: Path, name: str, suffixes: Sequence[str] = VIDEO_SUFFIXES) -> l
 
 
 def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise DatasetError(path, "caption file not found")
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DatasetError(path, f"not a UTF-8 text file ({err})") from err
+    return "\n".join(_read_lines(path))  # the dataset formats' reader: missing file, not UTF-8 -> DatasetError
 
 
 def _read_json(path: Path) -> object:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .datasets import VIDEO_SUFFIXES, DatasetError, Sample
+from .datasets import VIDEO_SUFFIXES, DatasetError, Sample, _read_lines as _lines
 
 __all__ = ["Annotations", "BREAKFAST_ACTIVITIES", "LVU_TASKS", "read_breakfast", "read_coin", "read_lvu"]
 
@@ -87,15 +87,6 @@ def _finish(found: _Found, path: Path, what: str, classes: list[str], task: str,
         raise DatasetError(path, f"{len(found.missing)} of {len(found.samples)} listed videos are missing:"
                                  + listing(found.missing))
     return Annotations(str(path), found.samples, classes, found.where, task)
-
-
-def _lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DatasetError(path, "annotation file not found")
-    try:
-        return path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as err:
-        raise DatasetError(path, f"not a UTF-8 text file ({err})") from err
 
 
 # ---- Breakfast ------------------------------------------------------------------------------------------

@@ -148,6 +148,9 @@ class VideoTextTask:
     @torch.no_grad()
     def evaluate(self, loader: DataLoader) -> dict[str, float]:
         """Zero-shot retrieval metrics over ``loader.dataset`` (a ``CaptionDataset`` with ``per="video"``)."""
+        if getattr(loader.dataset, "per", None) != "video" or not hasattr(loader.dataset, "captions"):
+            raise ValueError("evaluate() ranks every video once: pass a loader over CaptionDataset(..., per='video'), "
+                             f"got {type(loader.dataset).__name__} per={getattr(loader.dataset, 'per', None)!r}")
         captions = loader.dataset.captions
         was_training = self.model.training
         self.model.eval()

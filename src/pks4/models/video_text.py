@@ -228,7 +228,7 @@ class VideoTextModel(nn.Module):
             return VisualFeatures(tokens, self._pool(tokens))
         m = self.visual
         stream = visible_stream(m, clip, keep)
-        plans = m.scan_plans(0, 0, stream.device, visible_only=True)
+        plans = m.scan_plans(0, 0, stream.device, visible_only=True)  # a plain flip scan: no grid needed
         hidden, residual = m.forward_blocks(stream, plans, m.num_layers - 1, None)  # the last block: ends the pass
         tokens = m.final_norm(hidden, residual)
         return VisualFeatures(tokens, self._pool(tokens), stream, keep)
@@ -268,7 +268,8 @@ class VideoTextModel(nn.Module):
             teacher.eval()
             targets, attn = clip_teacher_targets(teacher, clip, c.tubelet, grid)
             teacher.train(was_training)
-        return attention_guided_mask(attn, ratio, self.cfg.mask_sample), targets
+        # without a teacher every patch weighs the same: drawn at random (a top-k would hide the same ones always)
+        return attention_guided_mask(attn, ratio, self.cfg.mask_sample or teacher is None), targets
 
     # ---- the objectives on one batch ----------------------------------------------------------------------
     def losses(self, clip: Tensor, tokens: TokenBatch, video_ids: Tensor | None = None,
