@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                               "video_mask_ratio": args.video_mask_ratio, "group_identical": not args.no_group,
                               "lr": args.lr, "train_videos": args.train_per_class * len(CLASSES),
                               "threads": torch.get_num_threads(), "load": os.getloadavg()[0],
-                              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}",
+                              "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                                         f"Python {sys.version.split()[0]}",
                               "models": {}}
     for name in args.encoders:
         masked = name.startswith("videomamba") and args.unmasked_steps < args.steps

@@ -80,7 +80,8 @@ def _lvu(tmp_path, task, text):
 def test_lvu_classification_task(tmp_path):
     _touch(tmp_path, "videos/3Wbe7TIyvf4.mp4", "videos/zzHm5Y1mHqs.mp4")
     path = _lvu(tmp_path, "director", "director_id director youtube_id imdb_id\n"
-                                      "3 Quentin Tarantino 3Wbe7TIyvf4 tt0110912\n0 Ridley_Scott zzHm5Y1mHqs tt0083658\n")
+                                      "3 Quentin Tarantino 3Wbe7TIyvf4 tt0110912\n"
+                                      "0 Ridley_Scott zzHm5Y1mHqs tt0083658\n")
     ann = read_lvu(path, tmp_path / "videos")
     assert ann.task == "classification" and [s.label for s in ann.samples] == [3, 0]
     assert ann.classes == ["Ridley_Scott", "1", "2", "Quentin_Tarantino"]
@@ -90,7 +91,8 @@ def test_lvu_classification_task(tmp_path):
 
 def test_lvu_regression_targets(tmp_path):
     _touch(tmp_path, "a1.mp4", "b2.mp4")
-    like = read_lvu(_lvu(tmp_path, "like_ratio", "like dislike youtube_id imdb_id\n90 10 a1 tt1\n30 10 b2 tt2\n"), tmp_path)
+    like = read_lvu(_lvu(tmp_path, "like_ratio", "like dislike youtube_id imdb_id\n90 10 a1 tt1\n30 10 b2 tt2\n"),
+                    tmp_path)
     assert like.task == "regression" and like.classes == []
     assert [s.label for s in like.samples] == pytest.approx([9.0, 7.5])  # 10 * likes / (likes + dislikes)
     view = read_lvu(_lvu(tmp_path, "view_count", "view_count youtube_id imdb_id\n1000 a1 tt1\n"), tmp_path)
@@ -101,7 +103,8 @@ def test_lvu_bad_input(tmp_path):
     with pytest.raises(DatasetError, match="LVU task 'likes'"):
         read_lvu(_lvu(tmp_path, "likes", "1 2 a b\n"), tmp_path)
     bad = _lvu(tmp_path, "like_ratio", "header\n0 0 a1 tt1\n5 a1\n")
-    with pytest.raises(DatasetError, match=r"(?s)line 2: likes 0 and dislikes 0 give no ratio.*line 3: expected at least 4"):
+    with pytest.raises(DatasetError,
+                       match=r"(?s)line 2: likes 0 and dislikes 0 give no ratio.*line 3: expected at least 4"):
         read_lvu(bad, tmp_path, check_files=False)
     bad = _lvu(tmp_path, "genre", "genre_id genre youtube_id imdb_id\nx Drama a1 tt1\n-1 Drama a1 tt1\n")
     with pytest.raises(DatasetError, match=r"(?s)line 2: invalid literal.*line 3: negative label -1"):

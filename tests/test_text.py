@@ -159,7 +159,8 @@ def test_bert_folder_fills_every_layer_and_only_cross_attention_is_new(folder, t
     encoder.eval()
     new = load_bert_weights(encoder, path)  # loading again reports the same gaps
     assert new and all(".crossattention." in k and k.startswith("encoder.layer.2.") for k in new)
-    torch.testing.assert_close(encoder.encoder.layer[2].output.dense.weight, bert.bert.encoder.layer[2].output.dense.weight)
+    torch.testing.assert_close(encoder.encoder.layer[2].output.dense.weight,
+                               bert.bert.encoder.layer[2].output.dense.weight)
     batch = tok(["a red dial turns clockwise"], max_len=16)
     ref = BertModel(_hf_config(tok, depth=2), add_pooling_layer=False).eval()
     ref.load_state_dict({k[len("bert."):]: v for k, v in bert.state_dict().items()

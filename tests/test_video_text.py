@@ -97,7 +97,8 @@ def test_mask_caption_tokens_follows_berts_rules():
     ids = torch.randint(10, 100, (64, 40), generator=gen)
     ids[:, 0], ids[:, 30], ids[:, 31:] = 2, 3, 0  # [CLS] words [SEP] [PAD]...
     attn = (ids != 0).long()
-    masked, labels = mask_caption_tokens(ids, attn, 0.5, mask_id=4, vocab_size=100, special_ids=(0, 2, 3), generator=gen)
+    masked, labels = mask_caption_tokens(ids, attn, 0.5, mask_id=4, vocab_size=100, special_ids=(0, 2, 3),
+                                         generator=gen)
     chosen = labels != IGNORE
     assert not chosen[:, [0, 30]].any() and not chosen[:, 31:].any()  # specials and padding never
     assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(masked[~chosen], ids[~chosen])
@@ -185,7 +186,7 @@ def test_temperature_is_learnable_and_clamped(folder):
     with torch.no_grad():
         model.temp.fill_(5.0)
     out = model.losses(torch.randn(2, 4, 3, 32, 32), tok(["a red dial", "a blue disc"], 16))
-    assert float(model.temp) == pytest.approx(0.5)
+    assert float(model.temp.detach()) == pytest.approx(0.5)
     out["loss"].backward()
     assert model.temp.grad is not None and model.temp.grad != 0
 
@@ -280,3 +281,18 @@ def test_task_refuses_alignment_without_a_teacher(folder):
     model, tok = _model(folder)
     with pytest.raises(ValueError, match="weights.uta > 0 aligns to a CLIP teacher"):
         VideoTextTask(model, tok, None)
+
+
+def test_long_captions_are_cut_with_a_note_naming_the_file_and_entries(folder, captioned):
+    notes = []
+    cfg = _task_config(folder, use_teacher=False, model=VideoTextConfig(embed_dim=16, masked=False,
+                                                                        weights=LossWeights(uta=0.0)))
+    cfg.text.max_len = 6
+    task = build_video_text_task(cfg, log=notes.append)
+    long = task.note_long_captions(read_captions(captioned / "captions_val.json", "json"))
+    assert long and long[0].startswith("entry 0 caption 0 (")
+    assert "captions_val.json" in notes[0] and "longer than 6 tokens will be cut" in notes[0]
+    batch = next(iter(_loader(captioned, "train", "caption", 4)))
+    task.loss(batch)
+    task.loss(batch)
+    assert sum("are cut" in n for n in notes) == 1  # said once, not every step

@@ -80,7 +80,8 @@ def _finish(found: _Found, path: Path, what: str, classes: list[str], task: str,
         return "\n  " + "\n  ".join(items[:_SHOWN]) + more
 
     if found.problems:
-        raise DatasetError(path, f"{len(found.problems)} problem(s) in the {what} annotations:" + listing(found.problems))
+        raise DatasetError(path, f"{len(found.problems)} problem(s) in the {what} annotations:"
+                                 + listing(found.problems))
     if not found.samples:
         raise DatasetError(path, f"no {what} samples found")
     if check_files and found.missing:

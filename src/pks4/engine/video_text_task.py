@@ -81,7 +81,8 @@ class VideoTextTask:
     def set_masked(self, masked: bool) -> None:
         """Masked pretraining (True) or the unmasked tuning phase (False: all tokens, no UTA)."""
         if masked and not can_run_visible(self.model.visual):
-            raise ValueError(f"{type(self.model.visual).__name__} cannot run the visible tokens only: it trains unmasked")
+            raise ValueError(f"{type(self.model.visual).__name__} cannot run the visible tokens only: it trains "
+                             "unmasked")
         self.model.cfg = replace(self.model.cfg, masked=masked)
 
     # ---- training ---------------------------------------------------------------------------------------
@@ -167,7 +168,8 @@ class VideoTextTask:
             self.model.train(was_training)
         return metrics
 
-    def _reranked(self, sim: Tensor, truth: Tensor, score: Callable[[list[int], list[int]], Tensor]) -> dict[str, float]:
+    def _reranked(self, sim: Tensor, truth: Tensor,
+                  score: Callable[[list[int], list[int]], Tensor]) -> dict[str, float]:
         t2v = rerank_top_k(sim, self.rerank_k, lambda row, cols: score([row] * len(cols), cols.tolist()))
         v2t = rerank_top_k(sim.t(), self.rerank_k, lambda row, cols: score(cols.tolist(), [row] * len(cols)))
         out = {f"rerank_t2v_{k}": v for k, v in recall_summary(text_to_video_ranks(t2v, truth)).items()}

@@ -97,7 +97,7 @@ class WordPieceTokenizer:
 
     def __init__(self, vocab_file: str | os.PathLike, lowercase: bool = True) -> None:
         self.vocab_file = str(vocab_file)
-        words = set(Path(vocab_file).read_text(encoding="utf-8").split("\n"))
+        words = set(Path(vocab_file).read_text(encoding="utf-8").splitlines())
         absent = [name for name in SPECIAL_TOKENS if name not in words]
         if absent:
             raise ValueError(f"{self.vocab_file}: the vocabulary lacks BERT's special tokens {absent}")
