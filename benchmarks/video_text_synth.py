@@ -96,7 +96,7 @@ def train(task: VideoTextTask, root: Path, steps: int, unmasked_steps: int, batc
     losses -- positives of each other in the contrastive loss and never each other's matching negatives --
     since no caption can tell them apart."""
     torch.manual_seed(seed)
-    captions = read_captions(root / "captions_train.json", "json")
+    captions = read_captions(root / "captions_train.json", "captions")
     group = _caption_groups(captions) if group_identical else None
     loader = DataLoader(CaptionDataset(captions, _data_config(), train=True), batch_size=batch_size, shuffle=True,
                         drop_last=True, generator=torch.Generator().manual_seed(seed))
@@ -132,7 +132,7 @@ def train(task: VideoTextTask, root: Path, steps: int, unmasked_steps: int, batc
 @torch.no_grad()
 def reversed_pair_test(task: VideoTextTask, root: Path) -> dict[str, float]:
     """Share of (held-out clip, paraphrase) whose own caption outscores its time-reversed twin."""
-    captions = read_captions(root / "captions_val.json", "json")
+    captions = read_captions(root / "captions_val.json", "captions")
     dataset = CaptionDataset(captions, _data_config(), train=False, per="video")
     task.model.eval()
     wins: dict[str, list[float]] = {}
@@ -160,7 +160,7 @@ def reversed_pair_test(task: VideoTextTask, root: Path) -> dict[str, float]:
 
 
 def evaluate(task: VideoTextTask, root: Path) -> dict[str, float]:
-    captions = read_captions(root / "captions_val.json", "json")
+    captions = read_captions(root / "captions_val.json", "captions")
     loader = DataLoader(CaptionDataset(captions, _data_config(), train=False, per="video"), batch_size=32)
     metrics = task.evaluate(loader)
     return {k: round(v, 2) for k, v in (metrics | reversed_pair_test(task, root)).items()}

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from pks4.cli import main
-from pks4.data.captions import CaptionDataset, read_captions, write_caption_json
-from pks4.data.datasets import DataConfig, DatasetError
+from pks4.data.captions import UNLABELLED, CaptionDataset, read_captions, write_caption_json
+from pks4.data.datasets import DataConfig, DatasetError, build_dataset, check_dataset
+from pks4.data.items import Skipped, collate
 from pks4.data.synth import CLASSES, PAIRS, generate_synth, render_clip, sample_params, write_video
 from pks4.data.synth_captions import CAPTION_TEMPLATES, class_captions, object_colour, write_synth_captions
+from pks4.data.video import DataError
 
 
 def _touch(root, *names):
@@ -122,7 +124,7 @@ def test_empty_captions_are_named_by_file_and_line(tmp_path):
         read_captions(tmp_path / "AllVideoDescriptions.txt", "msvd")
     (tmp_path / "c.json").write_text(json.dumps([{"video": "a.mp4", "caption": ["fine", "  "]}]))
     with pytest.raises(DatasetError, match=r"(?s)c.json: .*entry 0 caption 1: empty caption"):
-        read_captions(tmp_path / "c.json", "json")
+        read_captions(tmp_path / "c.json", "captions")
 
 
 def test_missing_videos_are_listed_with_their_lines_or_skipped(tmp_path):
@@ -130,9 +132,9 @@ def test_missing_videos_are_listed_with_their_lines_or_skipped(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps([{"video": "there.mp4", "caption": "one"},
                                                  {"video": "gone.mp4", "caption": ["two", "three"]}]))
     with pytest.raises(DatasetError, match=r"(?s)c.json: 1 of 2 media .* not on disk.*entry 1 caption 0: .*gone.mp4"):
-        read_captions(tmp_path / "c.json", "json")
+        read_captions(tmp_path / "c.json", "captions")
     with pytest.warns(UserWarning, match="dropping the captions of 1 missing"):
-        c = read_captions(tmp_path / "c.json", "json", skip_missing=True)
+        c = read_captions(tmp_path / "c.json", "captions", skip_missing=True)
     assert c.captions == ["one"] and c.videos == [str(tmp_path / "there.mp4")]
 
 
@@ -140,7 +142,7 @@ def test_missing_videos_are_listed_with_their_lines_or_skipped(tmp_path):
     ("lsmdc", "clip\t1\t2\tsentence\n", "line 1: expected 6 tab-separated fields"),
     ("cc3m", "only a caption\n", "line 1: expected 'caption<TAB>url'"),
     ("webvid", "id,text\n1,a\n", "expected WebVid's columns"),
-    ("json", '{"video": "a"}', "expected a JSON list"),
+    ("captions", '{"video": "a"}', "expected a JSON list"),
     ("didemo", "[1, 2", "not valid JSON"),
     ("activitynet", '{"v_1": {"sentences": []}}', "needs a non-empty 'sentences' list"),
 ])
@@ -154,13 +156,13 @@ def test_unknown_format_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="caption format 'vatex'"):
         read_captions(tmp_path / "x.json", "vatex")
     with pytest.raises(DatasetError, match="annotation file not found"):
-        read_captions(tmp_path / "x.json", "json")
+        read_captions(tmp_path / "x.json", "captions")
 
 
 def test_long_captions_are_listed_with_their_lines(tmp_path):
     _touch(tmp_path, "a.mp4")
     write_caption_json(tmp_path / "c.json", ["a.mp4"], [["short one", "a much longer caption than the rest"]])
-    c = read_captions(tmp_path / "c.json", "json")
+    c = read_captions(tmp_path / "c.json", "captions")
     assert c.long_captions(lambda text: len(text.split()) + 2, max_len=5) == ["entry 0 caption 1 (9 tokens)"]
 
 
@@ -170,15 +172,29 @@ def test_caption_dataset_gives_clips_per_caption_or_per_video(tmp_path):
     write_video(tmp_path / "a.mp4", frames, fps=6)
     write_video(tmp_path / "b.mp4", frames[::-1].copy(), fps=6)
     write_caption_json(tmp_path / "c.json", ["a.mp4", "b.mp4"], [["one", "uno"], ["two"]])
-    c = read_captions(tmp_path / "c.json", "json")
+    c = read_captions(tmp_path / "c.json", "captions")
     cfg = DataConfig(num_frames=4, size=32, short_side=32, flip="off")
     per_caption = CaptionDataset(c, cfg, train=True)
-    assert len(per_caption) == 3 and per_caption[1]["caption"] == "uno" and per_caption[1]["video_index"] == 0
-    assert per_caption[2]["video"].shape == (4, 3, 32, 32)
+    item = per_caption[1]
+    assert len(per_caption) == 3 and item.extra == {"caption": "uno", "video_index": 0, "group": 0} and item.index == 1
+    assert per_caption[2].video.shape == (4, 3, 32, 32) and per_caption[2].label == 1
     per_video = CaptionDataset(c, cfg, train=False, per="video")
-    assert len(per_video) == 2 and set(per_video[1]) == {"video", "video_index"}
-    batch = next(iter(torch.utils.data.DataLoader(per_caption, batch_size=3)))
-    assert batch["caption"] == ["one", "uno", "two"] and batch["video_index"].tolist() == [0, 0, 1]
+    assert len(per_video) == 2 and per_video[1].extra == {"video_index": 1}
+    batch = collate([per_caption[i] for i in range(3)])
+    assert batch.extra["caption"] == ["one", "uno", "two"] and batch.extra["video_index"].tolist() == [0, 0, 1]
+    assert batch.video.shape == (3, 4, 3, 32, 32)
+    assert [s.path for s in per_caption.samples] == [str(tmp_path / n) for n in ("a.mp4", "a.mp4", "b.mp4")]
+
+
+def test_an_unreadable_video_is_a_skipped_item_naming_it(tmp_path):
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    write_caption_json(tmp_path / "c.json", ["bad.mp4"], [["one"]])
+    data = CaptionDataset(read_captions(tmp_path / "c.json", "captions"), DataConfig(num_frames=4, size=32),
+                          train=True)
+    item = data[0]
+    assert isinstance(item, Skipped) and item.path == str(tmp_path / "bad.mp4")
+    with pytest.raises(DataError, match="bad.mp4"):
+        collate([item]).raise_skipped()
 
 
 def test_images_are_one_frame_clips(tmp_path):
@@ -188,7 +204,39 @@ def test_images_are_one_frame_clips(tmp_path):
     (tmp_path / "cc3m.tsv").write_text("a grey picture\thttps://example.invalid/x.jpg\n")
     c = read_captions(tmp_path / "cc3m.tsv", "cc3m")
     item = CaptionDataset(c, DataConfig(num_frames=8, size=32, short_side=32), train=True)[0]
-    assert item["video"].shape == (1, 3, 32, 32) and item["caption"] == "a grey picture"
+    assert item.video.shape == (1, 3, 32, 32) and item.extra["caption"] == "a grey picture"
+
+
+# ---- caption files as dataset formats ---------------------------------------------------------------------
+def test_a_caption_file_is_a_dataset_format_of_unlabelled_videos(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    write_video(tmp_path / "clips" / "a.mp4", frames, fps=6)
+    write_video(tmp_path / "clips" / "b.mp4", frames, fps=6)
+    (tmp_path / "webvid.csv").write_text("videoid,contentUrl,duration,page_dir,name\n"
+                                         "a,http://x/a.mp4,PT00H00M05S,clips,a cat\n"
+                                         "b,http://x/b.mp4,PT00H00M05S,clips,a dog\n")
+    cfg = DataConfig(format="webvid", root=str(tmp_path), train="webvid.csv", num_frames=4, size=32, short_side=32)
+    data = build_dataset(cfg, "train", train=True)
+    assert data.classes == [UNLABELLED] and [s.path for s in data.samples] == \
+        [str(tmp_path / "clips" / "a.mp4"), str(tmp_path / "clips" / "b.mp4")]
+    assert data[1].video.shape == (4, 3, 32, 32) and data[1].label == 0
+    report = check_dataset(tmp_path / "webvid.csv", cfg)
+    assert report.ok and report.counts == {UNLABELLED: 2}
+
+
+def test_a_selected_part_of_a_caption_file_and_a_missing_one(tmp_path):
+    (tmp_path / "v0.mp4").write_bytes(b"x")
+    (tmp_path / "v1.mp4").write_bytes(b"x")
+    (tmp_path / "MSRVTT_data.json").write_text(json.dumps({
+        "videos": [{"video_id": "v0", "split": "train"}, {"video_id": "v1", "split": "test"}],
+        "sentences": [{"video_id": "v0", "caption": "a"}, {"video_id": "v1", "caption": "b"}]}))
+    assert read_captions(tmp_path / "MSRVTT_data.json#test", "msrvtt").videos == [str(tmp_path / "v1.mp4")]
+    with pytest.raises(DatasetError, match="no video has split 'tset'"):
+        read_captions(tmp_path / "MSRVTT_data.json#tset", "msrvtt")
+    with pytest.raises(DatasetError, match="MSRVTT_data.json#test: 1 of 1 listed videos are missing"):
+        (tmp_path / "v1.mp4").unlink()
+        build_dataset(DataConfig(format="msrvtt", root=str(tmp_path), val="MSRVTT_data.json#test",
+                                 train="MSRVTT_data.json#train"), "val", train=False)
 
 
 # ---- the built-in benchmark's captions ------------------------------------------------------------------
@@ -227,7 +275,7 @@ def test_synth_captions_file_and_cli(tmp_path, capsys):
     generate_synth(root, seed=2, num_train_per_class=1, num_val_per_class=1, num_frames=8, size=32)
     assert main(["data", "captions", str(root)]) == 0
     assert "captions_val.json" in capsys.readouterr().out
-    c = read_captions(root / "captions_val.json", "json")
+    c = read_captions(root / "captions_val.json", "captions")
     assert len(c.videos) == len(CLASSES) and len(c) == 3 * len(CLASSES)
     assert c.captions[0].endswith("moves from left to right") and c.videos[0].endswith("moving_right_000.mp4")
     words = set((root / "text" / "vocab.txt").read_text().split())

@@ -4,9 +4,9 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from _text_fixtures import tiny_text_config, tiny_text_folder
-from pks4.models.text import (TextConfig, TextEncoder, build_text_encoder, load_bert_weights, load_tokenizer,
-                              build_vocab)
+from pks4.models.text import TextConfig, TextEncoder, build_vocab, load_tokenizer
 from pks4.weights import CheckpointError
+from pks4.weights.bert import build_text_encoder, load_bert_weights
 
 
 @pytest.fixture(scope="module")

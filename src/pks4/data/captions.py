@@ -9,12 +9,13 @@ benchmark protocol). :class:`CaptionDataset` turns a set into clips with the cli
 ======================  ====================================================================================
 format                  what it reads (video names are looked up under ``root`` with any video suffix)
 ======================  ====================================================================================
-``json``                a JSON list of ``{"video": NAME, "caption": TEXT or [TEXT, ...]}`` (the annotation
+``captions``            a JSON list of ``{"video": NAME, "caption": TEXT or [TEXT, ...]}`` (the annotation
                         files of UMT / the official VideoMamba code, e.g. MSRVTT's 1k-A test json)
 ``msrvtt``              the 1k-A test split as JSFusion published it (``MSRVTT_JSFUSION_test.csv``:
                         ``key,vid_key,video_id,sentence``), the original ``*_videodatainfo.json`` /
                         ``MSRVTT_data.json`` (``videos`` + ``sentences``; ``split`` picks train/validate/
-                        test), or the ``json`` list above; videos ``<video_id>.mp4``
+                        test: ``MSRVTT_data.json#test``), or the ``captions`` list above; videos
+                        ``<video_id>.mp4``
 ``didemo``              LocalizingMoments' ``{train,val,test}_data.json`` (``video``, ``description``,
                         ``times``); paragraph-to-video
 ``activitynet``         ActivityNet Captions' ``train.json`` / ``val_1.json`` / ``val_2.json``
@@ -23,7 +24,7 @@ format                  what it reads (video names are looked up under ``root`` 
 ``lsmdc``               LSMDC's tab-separated ``LSMDC16_*.csv`` (clip id, four times, sentence); videos
                         ``<movie>/<clip id>.avi`` (movie = the clip id up to its last ``_``)
 ``msvd``                ``AllVideoDescriptions.txt`` (``<video id> <caption>`` lines, ``#`` comments);
-                        ``split`` picks the standard 1200/100/670 split through ``youtube_mapping.txt``
+                        ``#train|val|test`` picks the standard 1200/100/670 split (``youtube_mapping.txt``)
 ``webvid``              WebVid's csv (``videoid,contentUrl,duration,page_dir,name``); videos
                         ``<page_dir>/<videoid>.mp4``
 ``cc3m``                Conceptual Captions' tsv (``caption<TAB>url``, no header); the image of row i
@@ -31,6 +32,10 @@ format                  what it reads (video names are looked up under ``root`` 
                         (img2dataset's ``00000/000000123.jpg``); a second column naming a local file
                         (not a URL) is used as it is
 ======================  ====================================================================================
+
+Each format is also a dataset format (``data.format: webvid`` ...; :func:`pks4.data.datasets.register_format`):
+read that way a caption file is a list of its videos without labels, which ``pks4 data check`` verifies and
+masked pretraining trains on.
 
 Bad input is reported with the file and the line (or entry): empty captions, rows of the wrong shape, and
 captions naming media that are not there (all listed at once; ``skip_missing`` drops them with a warning).
@@ -53,13 +58,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import VIDEO_SUFFIXES, DataConfig, DatasetError, Sample, VideoDataset, _read_lines
+from .datasets import (VIDEO_SUFFIXES, DataConfig, DatasetError, Parsed, Sample, VideoDataset, read_lines,
+                       register_format, split_selector)
+from .items import Item, Skipped
 from .video import read_image
 
-__all__ = ["CaptionSet", "CAPTION_FORMATS", "read_captions", "write_caption_json", "CaptionDataset"]
+__all__ = ["CaptionSet", "CAPTION_FORMATS", "parse_captions", "read_captions", "write_caption_json",
+           "CaptionDataset", "CaptionSources", "UNLABELLED"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _SHOWN = 20  # problems listed per message
+UNLABELLED = "unlabelled"  # the one class of a caption file read as a dataset format (its videos, no labels)
 
 
 def _listing(items: Sequence[str]) -> str:
@@ -109,6 +118,15 @@ class CaptionSet:
                        caption_video=[new_index[self.caption_video[i]] for i in keep],
                        where=[self.where[i] for i in keep])
 
+    def groups(self) -> list[int]:
+        """Per video, the first video whose caption list is the same (word for word): clips no caption can tell
+        apart (templated captions: the built-in benchmarks) may then count as one video in the losses."""
+        lists: dict[int, list[str]] = defaultdict(list)
+        for text, v in zip(self.captions, self.caption_video):
+            lists[v].append(text)
+        first: dict[tuple[str, ...], int] = {}
+        return [first.setdefault(tuple(lists[v]), v) for v in range(len(self.videos))]
+
     def long_captions(self, count_tokens: Callable[[str], int], max_len: int) -> list[str]:
         """``where (n tokens)`` of each caption longer than ``max_len`` tokens (the tokenizer will cut it)."""
         out = []
@@ -148,7 +166,7 @@ def _named(root: Path, name: str, suffixes: Sequence[str] = VIDEO_SUFFIXES) -> l
 
 
 def _read_text(path: Path) -> str:
-    return "\n".join(_read_lines(path))  # the dataset formats' reader: missing file, not UTF-8 -> DatasetError
+    return "\n".join(read_lines(path))  # the dataset formats' reader: missing file, not UTF-8 -> DatasetError
 
 
 def _read_json(path: Path) -> object:
@@ -319,7 +337,7 @@ def _read_cc3m(path: Path, root: Path, split: str) -> _Rows:
     return rows
 
 
-_READERS = {"json": lambda p, r, s: _json_list(_read_json(p), p, r), "msrvtt": _read_msrvtt,
+_READERS = {"captions": lambda p, r, s: _json_list(_read_json(p), p, r), "msrvtt": _read_msrvtt,
             "didemo": _read_didemo, "activitynet": _read_activitynet, "lsmdc": _read_lsmdc, "msvd": _read_msvd,
             "webvid": _read_webvid, "cc3m": _read_cc3m}
 CAPTION_FORMATS = tuple(_READERS)
@@ -338,17 +356,14 @@ def _assemble(rows: _Rows, path: Path, fmt: str) -> CaptionSet:
                       images=fmt == "cc3m")
 
 
-def read_captions(path: str | os.PathLike, format: str, root: str | os.PathLike = "", *, split: str = "",
-                  paragraphs: bool | None = None, skip_missing: bool = False) -> CaptionSet:
-    """Parse a caption file of ``format`` (one of :data:`CAPTION_FORMATS`; see the module docstring).
+def parse_captions(path: str | os.PathLike, format: str, root: str | os.PathLike = "", *, split: str = "",
+                   paragraphs: bool | None = None) -> CaptionSet:
+    """Parse a caption file of ``format`` without looking at the media (:func:`read_captions` checks them).
 
-    ``root``: the folder the media are under (default: the file's folder). ``split``: MSR-VTT's
-    train/validate/test or MSVD's train/val/test, for the files that hold several splits. ``paragraphs``
-    joins each video's sentences (default: on for DiDeMo and ActivityNet). Raises ``DatasetError`` naming
-    the file and the lines for empty captions, malformed rows and media not on disk (``skip_missing`` drops
-    those captions with a warning instead).
-    """
-    path = Path(path)
+    ``path`` may name one part of a file that holds several after a ``#`` (``videodatainfo.json#test``), the same
+    as ``split``."""
+    path, part = split_selector(path)
+    split = split or part
     if format not in _READERS:
         raise ValueError(f"caption format {format!r}; expected one of {CAPTION_FORMATS}")
     root = Path(root) if root else path.parent
@@ -360,14 +375,48 @@ def read_captions(path: str | os.PathLike, format: str, root: str | os.PathLike 
     captions = _assemble(rows, path, format)
     if paragraphs if paragraphs is not None else format in _PARAGRAPH_FORMATS:
         captions = captions.paragraphs()
+    return captions
+
+
+def read_captions(path: str | os.PathLike, format: str, root: str | os.PathLike = "", *, split: str = "",
+                  paragraphs: bool | None = None, skip_missing: bool = False) -> CaptionSet:
+    """Parse a caption file of ``format`` (one of :data:`CAPTION_FORMATS`; see the module docstring).
+
+    ``root``: the folder the media are under (default: the file's folder). ``split`` (or ``path#split``):
+    MSR-VTT's train/validate/test or MSVD's train/val/test, for the files that hold several splits.
+    ``paragraphs`` joins each video's sentences (default: on for DiDeMo and ActivityNet). Raises
+    ``DatasetError`` naming the file and the lines for empty captions, malformed rows and media not on disk
+    (``skip_missing`` drops those captions with a warning instead).
+    """
+    captions = parse_captions(path, format, root, split=split, paragraphs=paragraphs)
     missing = captions.missing()
     if missing and not skip_missing:
-        raise DatasetError(path, f"{len(missing)} of {len(captions.videos)} media named by the captions are not "
-                                 f"on disk (root {root}):" + _listing(missing))
+        where = Path(root) if root else split_selector(path)[0].parent
+        raise DatasetError(captions.source, f"{len(missing)} of {len(captions.videos)} media named by the captions "
+                                            f"are not on disk (root {where}):" + _listing(missing))
     if missing:
-        warnings.warn(f"{path}: dropping the captions of {len(missing)} missing media", stacklevel=2)
+        warnings.warn(f"{captions.source}: dropping the captions of {len(missing)} missing media", stacklevel=2)
         captions = captions.without_missing()
     return captions
+
+
+def _format_parser(fmt: str) -> Callable[..., Parsed]:
+    """The dataset-format view of a caption file: its media as unlabelled samples, one per video (what
+    ``pks4 data check`` and masked pretraining read; the video-text task reads the captions themselves)."""
+    def parse(source: Path, root: Path, cfg: DataConfig, classes: list[str] | None) -> Parsed:
+        captions = parse_captions(source, fmt, root)
+        first: dict[int, str] = {}
+        for v, where in zip(captions.caption_video, captions.where):
+            first.setdefault(v, where)
+        return Parsed(Path(captions.source), fmt, samples=[Sample(path, 0) for path in captions.videos],
+                      lines=[first[v] for v in range(len(captions.videos))], classes=[UNLABELLED])
+
+    parse.__doc__ = f"{fmt} captions read as a list of unlabelled videos (pks4.data.captions)."
+    return parse
+
+
+for _fmt in CAPTION_FORMATS:
+    register_format(_fmt, _format_parser(_fmt))
 
 
 def write_caption_json(path: str | os.PathLike, videos: Sequence[str], captions: Sequence[Sequence[str]]) -> Path:
@@ -390,31 +439,82 @@ class _StillImages(VideoDataset):
 
 
 class CaptionDataset(Dataset):
-    """A :class:`CaptionSet` as clips. ``per="caption"`` (training): item i is caption i with a clip of its
-    video, ``{"video", "caption", "video_index"}``; ``per="video"`` (retrieval): item i is video i,
-    ``{"video", "video_index"}``, and the captions stay in ``.captions``. Clips come from the dataset
-    pipeline of ``cfg`` (images: one frame); an unreadable medium under ``cfg.skip_bad_videos`` gives None
-    (collate with :func:`pks4.data.datasets.collate_skip_bad`). Mind ``cfg.flip``: a mirrored clip no longer
-    fits a caption that says "left" or "right"."""
+    """A :class:`CaptionSet` as :class:`~pks4.data.items.Item` clips (or :class:`~pks4.data.items.Skipped` for a
+    medium that cannot be read). ``per="caption"`` (training): item i is caption i with a clip of its video,
+    ``Item.extra = {"caption": text, "video_index": v, "group": g}``; ``per="video"`` (retrieval): item i is video
+    i, ``Item.extra = {"video_index": i}``, and the captions stay in ``.captions``. ``Item.label`` is the video
+    index too (captions carry no class). ``group`` is the video index, or with ``group_identical`` the first video
+    with the same captions (:meth:`CaptionSet.groups`); ``offset`` is added to both (several files in one run).
+    Clips come from the dataset pipeline of ``cfg`` (images: one frame). Mind ``cfg.flip``: a mirrored clip no
+    longer fits a caption that says "left" or "right"."""
 
-    def __init__(self, captions: CaptionSet, cfg: DataConfig, *, train: bool, per: str = "caption") -> None:
+    def __init__(self, captions: CaptionSet, cfg: DataConfig, *, train: bool, per: str = "caption",
+                 group_identical: bool = False, offset: int = 0) -> None:
         if per not in ("caption", "video"):
             raise ValueError(f"CaptionDataset per={per!r}; expected 'caption' or 'video'")
-        self.captions, self.per = captions, per
+        self.captions, self.per, self.offset = captions, per, offset
+        self.group = captions.groups() if group_identical else list(range(len(captions.videos)))
         if captions.images:
             cfg = replace(cfg, num_frames=1)
-        samples = [Sample(path, i) for i, path in enumerate(captions.videos)]
-        self.clips = (_StillImages if captions.images else VideoDataset)(samples, [], cfg, train=train)
+        self.clips = (_StillImages if captions.images else VideoDataset)(
+            [Sample(path, i) for i, path in enumerate(captions.videos)], [], cfg, train=train)
+
+    @property
+    def bad(self) -> list[tuple[str, str]]:
+        """(path, reason) of the media skipped so far (in this process), as :class:`VideoDataset` keeps them."""
+        return self.clips.bad
+
+    @property
+    def samples(self) -> list[Sample]:
+        """One sample per item (the loader names a lost batch's files from them)."""
+        if self.per == "video":
+            return self.clips.samples
+        return [self.clips.samples[v] for v in self.captions.caption_video]
 
     def __len__(self) -> int:
         return len(self.captions) if self.per == "caption" else len(self.captions.videos)
 
-    def __getitem__(self, i: int) -> dict | None:
+    def __getitem__(self, i: int) -> Item | Skipped:
         v = self.captions.caption_video[i] if self.per == "caption" else i
         item = self.clips[v]
-        if item is None:
-            return None
-        out = {"video": item["video"], "video_index": v}
+        if isinstance(item, Skipped):
+            return item
+        extra: dict[str, object] = {"video_index": v + self.offset}
         if self.per == "caption":
-            out["caption"] = self.captions.captions[i]
-        return out
+            extra |= {"caption": self.captions.captions[i], "group": self.group[v] + self.offset}
+        return Item(item.video, v + self.offset, i, extra=extra)
+
+
+class CaptionSources(Dataset):
+    """Several :class:`CaptionDataset` (``per="caption"``) as one, item after item (UMT's WebVid + CC3M): video
+    indices and groups stay distinct across them; ``spans`` are the (start, length) of each in the whole."""
+
+    def __init__(self, parts: Sequence[CaptionDataset]) -> None:
+        self.parts, self.spans, start = list(parts), [], 0
+        for part in self.parts:
+            self.spans.append((start, len(part)))
+            start += len(part)
+
+    def __len__(self) -> int:
+        return sum(n for _, n in self.spans)
+
+    def _locate(self, i: int) -> tuple[CaptionDataset, int]:
+        for part, (start, n) in zip(self.parts, self.spans):
+            if i < start + n:
+                return part, i - start
+        raise IndexError(f"caption item {i} of {len(self)}")
+
+    def __getitem__(self, i: int) -> Item | Skipped:
+        part, j = self._locate(i)
+        item = part[j]
+        if isinstance(item, Item):
+            item.index = i
+        return item
+
+    @property
+    def bad(self) -> list[tuple[str, str]]:
+        return [b for part in self.parts for b in part.bad]
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [s for part in self.parts for s in part.samples]

@@ -18,6 +18,10 @@ pipeline (sampling, transforms, multi-view testing) is the one of every other da
   <dislikes> <youtube id> <imdb id>``; target 10 * likes / (likes + dislikes)) and ``view_count``
   (``<views> <youtube id> <imdb id>``; target log(views)), the targets and mean-squared error Table 7
   reports (as in ViS4mer); a regression sample carries its float target in ``Sample.label``.
+
+The three are dataset formats (``data.format: breakfast | coin | lvu``): a recipe trains on them like on any
+list; COIN's one file names its subset as ``COIN.json#training`` / ``COIN.json#testing``, and an LVU regression
+task reaches the training as targets (``Parsed.targets``, ``train.loss=mse``).
 """
 from __future__ import annotations
 
@@ -29,9 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .datasets import VIDEO_SUFFIXES, DatasetError, Sample, _read_lines as _lines
+from .datasets import (VIDEO_SUFFIXES, DataConfig, DatasetError, Parsed, Sample, read_lines, register_format,
+                       split_selector)
 
-__all__ = ["Annotations", "BREAKFAST_ACTIVITIES", "LVU_TASKS", "read_breakfast", "read_coin", "read_lvu"]
+__all__ = ["Annotations", "BREAKFAST_ACTIVITIES", "LVU_TASKS", "read_breakfast", "read_coin", "read_lvu",
+           "COIN_SUBSETS"]
 
 BREAKFAST_ACTIVITIES = ("cereals", "coffee", "friedegg", "juice", "milk", "pancake", "salat", "sandwich",
                         "scrambledegg", "tea")
@@ -99,7 +105,7 @@ def read_breakfast(split_file: str | os.PathLike, root: str | os.PathLike, *, ch
     path, root = Path(split_file), Path(root)
     found = _Found()
     index = {a: i for i, a in enumerate(BREAKFAST_ACTIVITIES)}
-    for n, line in enumerate(_lines(path), 1):
+    for n, line in enumerate(read_lines(path), 1):
         name = line.strip()
         if not name or name.startswith("#"):
             continue
@@ -134,7 +140,7 @@ def read_coin(json_file: str | os.PathLike, root: str | os.PathLike, subset: str
     """COIN.json -> the ``subset`` ("training" | "testing") videos labelled with their task (recipe_type)."""
     path, root = Path(json_file), Path(root)
     try:
-        data = json.loads("\n".join(_lines(path)))
+        data = json.loads("\n".join(read_lines(path)))
     except json.JSONDecodeError as err:
         raise DatasetError(path, f"not valid JSON ({err})") from err
     database = data.get("database") if isinstance(data, dict) else None
@@ -177,7 +183,7 @@ def read_lvu(csv_file: str | os.PathLike, root: str | os.PathLike, task: str = "
                                  f"of {sorted(LVU_TASKS)}")
     kind = LVU_TASKS[task]
     found, names = _Found(), {}
-    for n, line in enumerate(_lines(path), 1):
+    for n, line in enumerate(read_lines(path), 1):
         parts = line.split()
         if not parts or (n == 1 and not re.fullmatch(r"[-+\d.eE]+", parts[0])):
             continue  # blank, or the header line
@@ -199,3 +205,42 @@ def read_lvu(csv_file: str | os.PathLike, root: str | os.PathLike, task: str = "
         found.add(_videos(root, parts[-2]), label, where)
     classes = [names.get(i, str(i)) for i in range(max(names) + 1)] if names else []
     return _finish(found, path, f"LVU {task}", classes, kind, check_files)
+
+
+# ---- as dataset formats ----------------------------------------------------------------------------------
+COIN_SUBSETS = ("training", "testing")
+
+
+def _parsed(ann: Annotations, fmt: str) -> Parsed:
+    """Annotations -> the registry's Parsed; a regression task's targets travel beside label-0 samples."""
+    if ann.task == "regression":
+        target = Path(ann.source).parent.name
+        return Parsed(Path(ann.source), fmt, [Sample(s.path, 0) for s in ann.samples], list(ann.where), [target],
+                      targets=[float(s.label) for s in ann.samples])
+    return Parsed(Path(ann.source), fmt, list(ann.samples), list(ann.where), list(ann.classes))
+
+
+def parse_breakfast(source: Path, root: Path, cfg: DataConfig, classes: list[str] | None) -> Parsed:
+    """``data.format: breakfast``: a split file (``train.split1.bundle``), videos under ``data.root``."""
+    return _parsed(read_breakfast(source, root, check_files=False), "breakfast")
+
+
+def parse_coin(source: Path, root: Path, cfg: DataConfig, classes: list[str] | None) -> Parsed:
+    """``data.format: coin``: ``COIN.json#training`` / ``COIN.json#testing`` (the file holds both subsets)."""
+    path, subset = split_selector(source)
+    if subset not in COIN_SUBSETS:
+        given = f"'#{subset}' names no subset" if subset else "no subset is named"
+        raise DatasetError(path, f"{given}: COIN.json holds both subsets, name one as "
+                                 f"{path.name}#training or {path.name}#testing")
+    return _parsed(read_coin(path, root, subset, check_files=False), "coin")
+
+
+def parse_lvu(source: Path, root: Path, cfg: DataConfig, classes: list[str] | None) -> Parsed:
+    """``data.format: lvu``: one task's csv (``lvu_1.0/<task>/<split>.csv``; the folder names the task). The
+    regression tasks (like_ratio, view_count) give their targets (train with ``train.loss=mse``)."""
+    return _parsed(read_lvu(source, root, check_files=False), "lvu")
+
+
+register_format("breakfast", parse_breakfast)
+register_format("coin", parse_coin)
+register_format("lvu", parse_lvu)

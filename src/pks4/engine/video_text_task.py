@@ -1,196 +1,406 @@
-"""The video-text task (Li et al. §4.4): model, losses and zero-shot retrieval for a generic training loop.
+"""``pks4 pretrain RECIPE --task video-text``: the video-text model of Li et al. §4.4 (UMT's recipe) as a task of
+the one training loop (:mod:`pks4.engine.loop`), so it is resumable, DDP-aware and checkpointed like every
+training.
 
-**The interface a loop drives** (nothing else is needed):
+**What is trained.** :class:`~pks4.models.video_text.VideoTextModel`: a visual encoder from the registry
+(``model.name``; ``model.overrides.pretrained`` starts it from a masked-pretraining checkpoint, the first stage of
+§4.4), a BERT text encoder (``text``: a folder holding ``vocab.txt`` and optionally BERT weights), and the four
+objectives (contrastive, matching with hard negatives, masked language modelling, unmasked token alignment to a
+frozen CLIP teacher). ``model.init_from`` starts the whole model from a video-text run (fine-tuning on a
+retrieval dataset).
 
-* ``task.model`` -- an ``nn.Module`` holding every trainable parameter (:class:`VideoTextModel`); optimise,
-  checkpoint, wrap in DDP and move to a device through it. The frozen CLIP teacher is ``task.teacher``:
-  not part of ``task.model``, never optimised, never saved (it is rebuilt from its config on resume).
-* ``task.loss(batch) -> dict[str, Tensor]`` -- the weighted objectives of one training batch, ``"vtc"``,
-  ``"vtm"``, ``"mlm"``, ``"uta"`` (those switched on) and ``"loss"``, their sum: run backward on ``"loss"``,
-  log the rest. ``batch`` is what :class:`pks4.data.captions.CaptionDataset` (``per="caption"``) gives
-  through the default collation: ``{"video": (B, T, 3, H, W), "caption": list of B str, "video_index":
-  (B,)}``; captions showing the same video are all positives of each other.
-* ``task.evaluate(loader) -> dict[str, float]`` -- zero-shot retrieval over ``loader.dataset``, a
-  ``CaptionDataset`` with ``per="video"`` (every video once; its ``captions`` are encoded here):
-  ``t2v_r1/r5/r10/mdr/mnr`` and ``v2t_...`` (:mod:`pks4.engine.retrieval_metrics`), and the same with a
-  ``rerank_`` prefix when ``rerank_k`` > 0 (the top-k of each query re-scored by the matching head). The
-  model's train/eval mode is restored afterwards.
-* ``task.set_masked(flag)`` -- switch between the masked phase and the unmasked tuning phase (§4.4: one
-  epoch unmasked after the masked pretraining).
+**The phases, a schedule the checkpoint remembers.** The first ``train.epochs - unmasked_epochs`` epochs are the
+masked phase (50% of an image's patches hidden, 80% of a video's; the teacher's attention chooses, or chance
+without one), the last ``unmasked_epochs`` the unmasked tuning phase (every token, no alignment): §4.4's 10 + 1
+epochs are ``train.epochs: 11, unmasked_epochs: 1``. The epoch where the unmasked phase starts is kept in every
+checkpoint; a resumed run keeps it. An encoder that cannot run a subset of its tokens trains unmasked throughout.
 
-:func:`build_video_text_task` builds all of it from a :class:`VideoTextTaskConfig`.
+**Data.** ``captions.train``: caption files of any format of :mod:`pks4.data.captions` (UMT 5M: WebVid-2M videos
+and CC3M images, one-frame clips); a batch never mixes files (:class:`SourcePlan`), so images and videos are
+never stacked together. ``captions.val``: the zero-shot retrieval evaluated after every ``train.eval_every``
+epochs (R@1/5/10 and median rank both ways; ``r_mean``, the mean of the six recalls, marks the best checkpoint).
+Without ``captions``, ``data.train`` / ``data.val`` in ``data.format`` are the two files. ``data`` is the clip
+pipeline (frames, size, crops; keep ``flip: "off"`` for captions that say left or right).
+
+**Several processes.** The contrastive objective compares each process's pairs with every process's pairs
+(gathered with gradients); the evaluation encodes each process's share of the videos and gathers them.
+
+**A checkpoint** holds the whole video-text model as its weights and, in its metadata, the visual encoder's
+name and config, the text encoder's config and vocabulary: :func:`load_video_text` rebuilds it without the text
+folder (``pks4 text-retrieval``).
 """
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-from pks4.engine.retrieval_metrics import (recall_summary, rerank_top_k, retrieval_metrics, text_to_video_ranks,
-                                           video_to_text_ranks)
-from pks4.models.text import TextConfig, WordPieceTokenizer, build_text_encoder
+from pks4.data.captions import CAPTION_FORMATS, CaptionDataset, CaptionSet, CaptionSources, read_captions
+from pks4.data.datasets import DataConfig
+from pks4.data.items import Batch
+from pks4.engine import checkpoint as ckpt
+from pks4.engine.config import (ConfigError, ModelConfig, OptimConfig, TrainConfig, build_section, config_to_dict,
+                                format_config, load_section)
+from pks4.engine.loader import ShardPlan
+from pks4.engine.loop import Loop, LoopSettings, RunResult, Task
+from pks4.engine.pretrain import TeacherConfig, build_teacher
+from pks4.engine.runtime import DistInfo, TrainingError, process_group, start_process
+from pks4.engine.text_retrieval import encode_texts, encode_videos, rank
+from pks4.models.text import TextConfig, TextEncoder, TokenBatch, WordPieceTokenizer
 from pks4.models.video_text import VideoTextConfig, VideoTextModel, can_run_visible
 
-__all__ = ["VideoTextTaskConfig", "VideoTextTask", "build_video_text_task"]
+__all__ = ["CaptionFile", "CaptionData", "RetrievalConfig", "VideoTextRunConfig", "load_video_text_config",
+           "SourcePlan", "VideoTextTask", "build_video_text_trainer", "pretrain_video_text", "load_video_text",
+           "retrieval_metrics_of", "TASK_NAME"]
 
 Log = Callable[[str], None]
+TASK_NAME = "video-text"
 
 
 @dataclass
-class VideoTextTaskConfig:
-    """Everything that builds the task: the visual encoder (a registry name and its overrides), the text
-    encoder, the model's heads and objectives, the teacher of the masked phase and the evaluation."""
+class CaptionFile:
+    """One caption file: ``path`` (``file#part`` for one part of a file holding several, e.g.
+    ``MSRVTT_data.json#test``), its ``format`` and the folder of its media ("" = ``data.root``, else the file's)."""
 
-    visual: str = "videomamba_middle"  # any registered model; masking needs a VideoMamba
-    visual_overrides: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+    format: str = "captions"
+    root: str = ""
+
+    def __post_init__(self) -> None:
+        if self.format not in CAPTION_FORMATS:
+            raise ValueError(f"format={self.format!r}; expected a caption format: {', '.join(CAPTION_FORMATS)}")
+
+
+@dataclass
+class CaptionData:
+    """The caption files trained on and evaluated on (empty: ``data.train`` / ``data.val``)."""
+
+    train: list[CaptionFile] = field(default_factory=list)
+    val: CaptionFile = field(default_factory=CaptionFile)  # path "" = data.val, or no evaluation
+    # Clips whose captions are word for word the same count as one video in the losses (templated captions).
+    group_identical: bool = False
+
+
+@dataclass
+class RetrievalConfig:
+    """Zero-shot retrieval during training (and the default of ``pks4 text-retrieval``)."""
+
+    rerank_k: int = 0  # re-score each query's top-k with the matching head (UMT: 128); 0 = off
+    batch_size: int = 16  # clips per evaluation batch
+    text_batch_size: int = 64  # captions per text-encoder batch
+
+    def __post_init__(self) -> None:
+        for name, low in (("rerank_k", 0), ("batch_size", 1), ("text_batch_size", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"retrieval.{name}={getattr(self, name)}; expected an integer >= {low}")
+
+
+@dataclass
+class VideoTextRunConfig:
+    """Everything one ``pks4 pretrain --task video-text`` run needs (module docstring)."""
+
+    task: Literal["video-text"] = TASK_NAME
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="videomamba_middle"))  # the visual encoder
     text: TextConfig = field(default_factory=TextConfig)
-    model: VideoTextConfig = field(default_factory=VideoTextConfig)
-    use_teacher: bool = True  # a frozen CLIP guides the masking and is UTA's target (masked phase only)
-    teacher_path: str = ""  # CLIP vision weights; "" = a seeded random tower of teacher_arch (pipeline tests)
-    teacher_arch: str = "b16"  # b16 | l14 | tiny
-    rerank_k: int = 0  # evaluation: re-score each query's top-k with the matching head (UMT); 0 = off
-    eval_batch_size: int = 64  # captions encoded per step in evaluation
+    video_text: VideoTextConfig = field(default_factory=VideoTextConfig)
+    unmasked_epochs: int = 1  # the last epochs run every token without alignment (§4.4: 1 after 10 masked)
+    use_teacher: bool = True  # a frozen CLIP picks the visible tokens and is UTA's target in the masked phase
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    captions: CaptionData = field(default_factory=CaptionData)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    out: str = "runs/video_text"
+
+    def __post_init__(self) -> None:
+        if self.unmasked_epochs < 0:
+            raise ValueError(f"unmasked_epochs={self.unmasked_epochs}; expected an integer >= 0")
+
+    def train_files(self) -> list[CaptionFile]:
+        if self.captions.train:
+            return list(self.captions.train)
+        if not self.data.train:
+            raise ConfigError("no training captions: give captions.train (a list of {path, format, root}) or "
+                              "data.train with data.format naming a caption format")
+        return [CaptionFile(self.data.train, self._data_format("data.train"), self.data.root)]
+
+    def val_file(self) -> CaptionFile | None:
+        if self.captions.val.path:
+            return self.captions.val
+        return CaptionFile(self.data.val, self._data_format("data.val"), self.data.root) if self.data.val else None
+
+    def _data_format(self, key: str) -> str:
+        if self.data.format not in CAPTION_FORMATS:
+            raise ConfigError(f"{key} is read with data.format={self.data.format!r}, which is not a caption format; "
+                              f"expected one of {', '.join(CAPTION_FORMATS)} (or give captions.train / captions.val)")
+        return self.data.format
 
 
-class VideoTextTask:
-    """Model + tokenizer + (optional) frozen teacher; see the module docstring for the interface."""
+def load_video_text_config(path: str | Path | None = None, overrides: list[str] | None = None) -> VideoTextRunConfig:
+    """A YAML recipe (or the defaults) with ``key=value`` overrides, type-checked; every error names the key."""
+    return load_section(VideoTextRunConfig, path, overrides)
 
-    def __init__(self, model: VideoTextModel, tokenizer: WordPieceTokenizer, teacher: nn.Module | None = None, *,
-                 max_len: int = 32, rerank_k: int = 0, eval_batch_size: int = 64, log: Log = print) -> None:
+
+# ---- data ------------------------------------------------------------------------------------------------------
+def _caption_set(f: CaptionFile, cfg: VideoTextRunConfig) -> CaptionSet:
+    return read_captions(f.path, f.format, f.root or cfg.data.root, skip_missing=cfg.data.skip_bad_videos)
+
+
+def _train_set(cfg: VideoTextRunConfig) -> CaptionSources:
+    parts, offset = [], 0
+    for f in cfg.train_files():
+        captions = _caption_set(f, cfg)
+        parts.append(CaptionDataset(captions, cfg.data, train=True, group_identical=cfg.captions.group_identical,
+                                    offset=offset))
+        offset += len(captions.videos)
+    return CaptionSources(parts)
+
+
+class SourcePlan:
+    """Batches that never mix caption files: each file's shard of this process in batches of ``batch_size``
+    (the last, smaller one dropped), all files' batches in one order drawn from (seed, epoch) -- the same on every
+    process, so the processes step through the same file at once. A pure function of (seed, epoch), like the
+    loop's own plans."""
+
+    def __init__(self, spans: list[tuple[int, int]], dist_info: DistInfo, batch_size: int, seed: int) -> None:
+        self.spans, self.seed = spans, seed
+        self.plans = [ShardPlan(n, dist_info, batch_size, shuffle=True, seed=seed + 7919 * k, drop_last=True)
+                      for k, (_, n) in enumerate(spans)]
+        short = [k for k, p in enumerate(self.plans) if p.length(0) == 0]
+        if short:
+            raise TrainingError(f"caption file {short[0] + 1} of captions.train has fewer pairs per process than "
+                                f"train.batch_size={batch_size}: it would never be trained on")
+
+    def length(self, epoch: int) -> int:
+        return sum(p.length(epoch) for p in self.plans)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        per = [[[start + i for i in b] for b in plan.batches(epoch)] for plan, (start, _) in zip(self.plans, self.spans)]
+        order = torch.tensor([k for k, bs in enumerate(per) for _ in bs])
+        order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))]
+        taken = [iter(bs) for bs in per]
+        return [next(taken[k]) for k in order.tolist()]
+
+    def wrap(self, dataset: Any) -> Any:
+        return dataset
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------------
+def retrieval_metrics_of(model: VideoTextModel, tokenizer: WordPieceTokenizer, captions: CaptionSet,
+                         batches: Any, *, max_len: int, device: torch.device, rerank_k: int = 0,
+                         text_batch_size: int = 64, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Zero-shot retrieval of ``captions`` over the clips of ``batches`` (this process's share of the videos; all
+    processes' shares are gathered): R@1/5/10, MdR, MnR both ways and ``r_mean`` (mean of the six recalls)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            videos = encode_videos(model, batches, len(captions.videos), device=device, keep_tokens=rerank_k > 0)
+            videos = videos.gathered()
+            texts = encode_texts(model, tokenizer, captions.captions, max_len, device=device,
+                                 batch_size=text_batch_size, keep_hidden=rerank_k > 0)
+            metrics = rank(model, texts, videos, captions.caption_video, rerank_k=rerank_k, device=device)
+    finally:
+        model.train(was_training)
+    recalls = [metrics[f"{d}_r{k}"] for d in ("t2v", "v2t") for k in (1, 5, 10)]
+    return metrics | {"r_mean": sum(recalls) / len(recalls)}
+
+
+# ---- the task ---------------------------------------------------------------------------------------------------
+class VideoTextTask(Task):
+    """The four objectives over caption-clip pairs, the phase schedule, zero-shot retrieval as the evaluation."""
+
+    score_key = "r_mean"
+
+    def __init__(self, cfg: VideoTextRunConfig, model: VideoTextModel, tokenizer: WordPieceTokenizer,
+                 teacher: nn.Module | None, train_set: CaptionSources, val: CaptionSet | None, log: Log) -> None:
+        super().__init__()
         w = model.cfg.weights
-        if w.uta and model.cfg.masked and teacher is None:
-            raise ValueError("video_text weights.uta > 0 aligns to a CLIP teacher, and none is given: set use_teacher "
-                             "(teacher_path), or weights.uta=0 to train without alignment")
-        if teacher is not None and model.decoder is None and w.uta:
-            raise ValueError("a teacher is given but the model has no alignment decoder (built without teacher_dim)")
-        if teacher is not None:
-            teacher.eval()
-            teacher.requires_grad_(False)
-        self.model, self.tokenizer, self.teacher = model, tokenizer, teacher
-        self.max_len, self.rerank_k, self.eval_batch_size, self.log = max_len, rerank_k, eval_batch_size, log
-        self._noted_truncation = False
+        if teacher is None and w.uta and self._masks(cfg, model):
+            raise ConfigError("video_text.weights.uta > 0 aligns to a CLIP teacher, and none is used: set use_teacher "
+                              "(teacher.path), or video_text.weights.uta=0 to train without alignment")
+        self.cfg, self.model, self.tokenizer, self.teacher = cfg, model, tokenizer, teacher
+        self.train_set, self.val, self.log = train_set, val, log
+        epochs = cfg.train.epochs
+        self.unmasked_from = max(0, epochs - cfg.unmasked_epochs) if self._masks(cfg, model) else 0
+        self.unused_parameters = model.decoder is not None and self.unmasked_from < epochs  # no UTA when unmasked
+        self._noted_cut = False
+        if val is not None:
+            self.val_videos = CaptionDataset(val, cfg.data, train=False, per="video")
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    @staticmethod
+    def _masks(cfg: VideoTextRunConfig, model: VideoTextModel) -> bool:
+        return cfg.unmasked_epochs < cfg.train.epochs and can_run_visible(model.visual)
 
-    def set_masked(self, masked: bool) -> None:
-        """Masked pretraining (True) or the unmasked tuning phase (False: all tokens, no UTA)."""
-        if masked and not can_run_visible(self.model.visual):
-            raise ValueError(f"{type(self.model.visual).__name__} cannot run the visible tokens only: it trains "
-                             "unmasked")
-        self.model.cfg = replace(self.model.cfg, masked=masked)
+    def describe(self) -> str:
+        phases = (f"masked epochs 1-{self.unmasked_from}, unmasked from epoch {self.unmasked_from + 1}"
+                  if self.unmasked_from else "unmasked throughout")
+        return f"video-text model ({self.cfg.model.name} + text encoder; {phases})"
 
-    # ---- training ---------------------------------------------------------------------------------------
-    def loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """The weighted objectives of one batch (see the module docstring)."""
-        device = self.device
-        tokens = self.tokenizer(batch["caption"], self.max_len).to(device)
-        if tokens.truncated and not self._noted_truncation:
-            self._noted_truncation = True
-            self.log(f"note: captions longer than {self.max_len} tokens are cut (first seen: "
-                     f"{batch['caption'][tokens.truncated[0]][:80]!r}); text.max_len sets the limit")
-        video_ids = torch.as_tensor(batch["video_index"], device=device)
-        return self.model.losses(batch["video"].to(device), tokens, video_ids, self.teacher)
+    def train(self, mode: bool = True) -> "VideoTextTask":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen: its dropout or norm statistics must not follow the student's mode
+        return self
 
-    # ---- evaluation -------------------------------------------------------------------------------------
-    def note_long_captions(self, captions: Any) -> list[str]:
-        """Say once which captions of a :class:`CaptionSet` the tokenizer will cut; returns them."""
-        long = captions.long_captions(self.tokenizer.count_tokens, self.max_len)
-        if long:
-            shown = ", ".join(long[:5]) + (f", ... ({len(long) - 5} more)" if len(long) > 5 else "")
-            self.log(f"note: {captions.source}: {len(long)} caption(s) longer than {self.max_len} tokens will be cut "
-                     f"(text.max_len): {shown}")
-        return long
+    def start_epoch(self, epoch: int) -> None:
+        masked = epoch < self.unmasked_from
+        if masked != self.model.masked:
+            self.log(f"epoch {epoch + 1}: {'masked phase' if masked else 'unmasked tuning phase (every token)'}")
+        self.model.set_masked(masked)
 
-    @torch.no_grad()
-    def _encode_videos(self, loader: DataLoader) -> tuple[Tensor, Tensor | None]:
-        n = len(loader.dataset)
-        embeds, kv = [None] * n, [None] * n
-        for batch in loader:
-            if batch is None:
-                raise ValueError("an evaluation batch held only unreadable videos; retrieval needs every video")
-            features = self.model.encode_visual(batch["video"].to(self.device))
-            emb = self.model.embed_visual(features).cpu()
-            tokens = self.model.visual_to_text(features.tokens).cpu() if self.rerank_k else None
-            for k, i in enumerate(batch["video_index"].tolist()):
-                embeds[i] = emb[k]
-                if tokens is not None:
-                    kv[i] = tokens[k]
-        if any(e is None for e in embeds):
-            raise ValueError(f"the evaluation loader skipped {sum(e is None for e in embeds)} of {n} videos; "
-                             "retrieval ranks every video")
-        return torch.stack(embeds), (torch.stack(kv) if self.rerank_k else None)
+    def batch_plan(self, dist_info: DistInfo, batch_size: int, seed: int) -> SourcePlan | None:
+        return SourcePlan(self.train_set.spans, dist_info, batch_size, seed) if len(self.train_set.parts) > 1 else None
 
-    @torch.no_grad()
-    def _encode_texts(self, texts: list[str]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        embeds, hidden = [], []
-        for start in range(0, len(texts), self.eval_batch_size):
-            tokens = self.tokenizer(texts[start:start + self.eval_batch_size], self.max_len).to(self.device)
-            h = self.model.text(tokens.input_ids, tokens.attention_mask)
-            embeds.append(self.model.embed_text(h).cpu())
-            if self.rerank_k:
-                hidden += [(h[k].cpu(), tokens.attention_mask[k].cpu()) for k in range(len(h))]
-        return torch.cat(embeds), hidden
+    def inputs(self, batch: Batch) -> dict[str, Any]:
+        captions = batch.extra["caption"]
+        tokens = self.tokenizer(captions, self.cfg.text.max_len)
+        if tokens.truncated and not self._noted_cut:
+            self._noted_cut = True
+            self.log(f"note: captions longer than {self.cfg.text.max_len} tokens are cut (first seen: "
+                     f"{captions[tokens.truncated[0]][:80]!r}); text.max_len sets the limit")
+        return {"video": batch.video, "input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
+                "group": batch.extra["group"]}
 
-    def _match_score(self, hidden: list[tuple[Tensor, Tensor]], kv: Tensor) -> Callable[[list[int], list[int]], Tensor]:
-        def score(texts: list[int], videos: list[int]) -> Tensor:
-            d = self.device
-            length = max(int(hidden[i][1].sum()) for i in texts)  # drop padding beyond the longest caption
-            h = torch.stack([hidden[i][0][:length] for i in texts]).to(d)
-            m = torch.stack([hidden[i][1][:length] for i in texts]).to(d)
-            return self.model.match_logits(h, m, kv[videos].to(d))[:, 1].cpu()  # the "match" logit
-        return score
+    def loss(self, inputs: dict[str, Tensor], geometry: Any = None) -> dict[str, Tensor]:
+        tokens = TokenBatch(inputs["input_ids"], inputs["attention_mask"])
+        return self.model.losses(inputs["video"], tokens, inputs["group"], self.teacher)
 
-    @torch.no_grad()
-    def evaluate(self, loader: DataLoader) -> dict[str, float]:
-        """Zero-shot retrieval metrics over ``loader.dataset`` (a ``CaptionDataset`` with ``per="video"``)."""
-        if getattr(loader.dataset, "per", None) != "video" or not hasattr(loader.dataset, "captions"):
-            raise ValueError("evaluate() ranks every video once: pass a loader over CaptionDataset(..., per='video'), "
-                             f"got {type(loader.dataset).__name__} per={getattr(loader.dataset, 'per', None)!r}")
-        captions = loader.dataset.captions
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            self.note_long_captions(captions)
-            videos, kv = self._encode_videos(loader)
-            texts, hidden = self._encode_texts(list(captions.captions))
-            sim = texts @ videos.t()  # (texts, videos)
-            truth = torch.as_tensor(captions.caption_video)
-            metrics = retrieval_metrics(sim, truth)
-            if self.rerank_k:
-                metrics |= self._reranked(sim, truth, self._match_score(hidden, kv))
-        finally:
-            self.model.train(was_training)
+    def evaluate(self, model: nn.Module, loop: Loop) -> dict[str, float] | None:
+        if self.val is None:
+            return None
+        r = self.cfg.retrieval
+        metrics = retrieval_metrics_of(model, self.tokenizer, self.val, loop.eval_stream(self.val_videos, r.batch_size),
+                                       max_len=self.cfg.text.max_len, device=loop.dist.device, rerank_k=r.rerank_k,
+                                       text_batch_size=r.text_batch_size, amp_dtype=loop.amp_dtype)
+        self.log(f"epoch {loop.epoch}: text-to-video R@1 {metrics['t2v_r1']:.2f} R@5 {metrics['t2v_r5']:.2f} "
+                 f"R@10 {metrics['t2v_r10']:.2f} MdR {metrics['t2v_mdr']:g}; video-to-text R@1 {metrics['v2t_r1']:.2f}"
+                 f" ({int(metrics['texts'])} captions, {int(metrics['videos'])} videos)")
         return metrics
 
-    def _reranked(self, sim: Tensor, truth: Tensor,
-                  score: Callable[[list[int], list[int]], Tensor]) -> dict[str, float]:
-        t2v = rerank_top_k(sim, self.rerank_k, lambda row, cols: score([row] * len(cols), cols.tolist()))
-        v2t = rerank_top_k(sim.t(), self.rerank_k, lambda row, cols: score(cols.tolist(), [row] * len(cols)))
-        out = {f"rerank_t2v_{k}": v for k, v in recall_summary(text_to_video_ranks(t2v, truth)).items()}
-        v2t_ranks, _ = video_to_text_ranks(v2t.t(), truth)
-        return out | {f"rerank_v2t_{k}": v for k, v in recall_summary(v2t_ranks).items()}
+    def metadata(self) -> dict[str, Any]:
+        visual = asdict(self.model.visual.config)
+        if "pretrained" in visual:
+            visual["pretrained"] = ""  # the weights are in the checkpoint; do not re-read the init file
+        return {"task": TASK_NAME, "model_name": f"video_text/{self.model.visual.model_name}",
+                "visual_name": self.model.visual.model_name, "visual_config": visual,
+                "text_config": asdict(replace(self.model.text.cfg, path="")), "text_vocab": self.tokenizer.words,
+                "video_text_config": asdict(self.model.cfg),
+                "teacher_dim": self.model.decoder.proj.out_features if self.model.decoder is not None else None,
+                "config": config_to_dict(self.cfg)}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"unmasked_from_epoch": self.unmasked_from}
+
+    def load_extra_state(self, state: dict[str, Any], source: Path) -> None:
+        if "unmasked_from_epoch" not in state:
+            raise ckpt.CheckpointError(f"{source / ckpt.STATE_FILE}: no phase schedule: not a video-text checkpoint")
+        stored = int(state["unmasked_from_epoch"])
+        if stored != self.unmasked_from:
+            self.log(f"{source}: the run's unmasked phase starts at epoch {stored + 1} (this config says "
+                     f"{self.unmasked_from + 1}); the checkpoint's schedule is kept")
+            self.unmasked_from = stored
+
+    def finished(self, loop: Loop, checkpoint: Path | None) -> None:
+        if checkpoint is not None:
+            self.log(f"video-text checkpoint {checkpoint}; zero-shot retrieval: `pks4 text-retrieval --checkpoint "
+                     f"{loop.run_dir} --captions FILE --format FORMAT`")
 
 
-def build_video_text_task(cfg: VideoTextTaskConfig, log: Log = print) -> VideoTextTask:
-    """Visual encoder from the registry, text encoder (and tokenizer) from ``cfg.text.path``, the frozen CLIP
-    teacher when the masked phase uses one, and the model around them."""
-    from pks4.engine.pretrain import TeacherConfig, build_teacher
-    from pks4.models.registry import create_model
+# ---- building ---------------------------------------------------------------------------------------------------
+def _special_ids(tokenizer: WordPieceTokenizer) -> tuple[int, ...]:
+    return tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id
 
-    visual = create_model(cfg.visual, **cfg.visual_overrides)
-    text, tokenizer = build_text_encoder(cfg.text)
-    teacher = None
-    if cfg.use_teacher and cfg.model.masked:
-        teacher = build_teacher(TeacherConfig(path=cfg.teacher_path, arch=cfg.teacher_arch), log)
+
+def _tokenizer_and_text(cfg: VideoTextRunConfig) -> tuple[TextEncoder, WordPieceTokenizer]:
+    """The text encoder of ``text.path`` (its BERT weights when the folder holds any); with ``text.path`` empty
+    and ``model.init_from`` a video-text run, that run's vocabulary (its weights come with the whole model)."""
+    from pks4.weights.bert import build_text_encoder
+
+    if cfg.text.path or not cfg.model.init_from:
+        return build_text_encoder(cfg.text)
+    meta = ckpt.read_weights(ckpt.resolve_checkpoint(cfg.model.init_from))[1]
+    if meta.get("task") != TASK_NAME:
+        raise ConfigError(f"text.path is empty and model.init_from={cfg.model.init_from} is not a video-text run: "
+                          "give text.path (a folder holding vocab.txt)")
+    tokenizer = WordPieceTokenizer(meta["text_vocab"], cfg.text.lowercase, source=f"{cfg.model.init_from} [text_vocab]")
+    return TextEncoder(cfg.text, tokenizer.vocab_size, tokenizer.pad_id), tokenizer
+
+
+def _visual_encoder(cfg: VideoTextRunConfig) -> nn.Module:
+    """The registry's ``model.name`` at the data's clip shape (its ``pretrained`` weights read first)."""
+    from pks4.weights import create_model
+
+    overrides = {"num_frames": cfg.data.num_frames, "image_size": cfg.data.size, **cfg.model.overrides}
+    try:
+        return create_model(cfg.model.name, **overrides)
+    except (KeyError, ValueError) as exc:
+        raise TrainingError(f"model '{cfg.model.name}': {exc}") from None
+
+
+def build_video_text_model(cfg: VideoTextRunConfig, log: Log = print
+                           ) -> tuple[VideoTextModel, WordPieceTokenizer, nn.Module | None]:
+    """Visual encoder, text encoder, heads, and the frozen CLIP teacher when the run masks and uses one."""
+    visual = _visual_encoder(cfg)
+    masks = cfg.unmasked_epochs < cfg.train.epochs and can_run_visible(visual)
+    teacher = build_teacher(cfg.teacher, log) if cfg.use_teacher and masks else None
     teacher_dim = (teacher.cfg.output_dim or teacher.cfg.width) if teacher is not None else None
-    model = VideoTextModel(visual, text, cfg.model, mask_id=tokenizer.mask_id,
-                           special_ids=(tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id),
-                           teacher_dim=teacher_dim if cfg.model.weights.uta else None)
-    return VideoTextTask(model, tokenizer, teacher, max_len=cfg.text.max_len, rerank_k=cfg.rerank_k,
-                         eval_batch_size=cfg.eval_batch_size, log=log)
+    text, tokenizer = _tokenizer_and_text(cfg)
+    model = VideoTextModel(visual, text, cfg.video_text, mask_id=tokenizer.mask_id, special_ids=_special_ids(tokenizer),
+                           teacher_dim=teacher_dim if cfg.video_text.weights.uta else None)
+    return model, tokenizer, teacher
+
+
+def build_video_text_trainer(cfg: VideoTextRunConfig, resume: str | None = None, log: Log = print) -> Loop:
+    """The training loop of one video-text run, set up (and resumed, with ``resume``), not yet started."""
+    from pks4.engine.train import _init_from
+
+    dist_info = start_process(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
+    main_log: Log = log if dist_info.is_main else (lambda msg: None)
+    train_set = _train_set(cfg)
+    val_file = cfg.val_file()
+    val = _caption_set(val_file, cfg) if val_file is not None else None
+    model, tokenizer, teacher = build_video_text_model(cfg, main_log)
+    init_report = _init_from(cfg, model, resume, main_log)
+    model.gather = dist_info.distributed
+    task = VideoTextTask(cfg, model.to(dist_info.device), tokenizer,
+                         teacher.to(dist_info.device) if teacher is not None else None, train_set, val, main_log)
+    task.init_report = init_report
+    settings = LoopSettings(cfg.train, cfg.optim, Path(cfg.out), cfg, cfg.data.skip_bad_videos)
+    return Loop(task, settings, dist_info, resume=resume, log=log)
+
+
+def pretrain_video_text(cfg: VideoTextRunConfig, resume: str | None = None, log: Log = print) -> RunResult:
+    """Print the resolved config and run the video-text training; the process group is torn down afterwards."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        log(format_config(cfg).rstrip())
+    with process_group():
+        return build_video_text_trainer(cfg, resume=resume, log=log).fit()
+
+
+# ---- reading a checkpoint ---------------------------------------------------------------------------------------
+def load_video_text(path: str | Path, map_location: str | torch.device = "cpu"
+                    ) -> tuple[VideoTextModel, WordPieceTokenizer, VideoTextRunConfig]:
+    """The video-text model (eval mode), its tokenizer and run config from a run directory (its best checkpoint)
+    or a checkpoint; the text folder is not needed (the vocabulary is in the checkpoint)."""
+    from pks4.models.registry import model_from_config
+
+    weights = ckpt.resolve_checkpoint(path)
+    tensors, meta = ckpt.read_weights(weights)
+    if meta.get("task") != TASK_NAME:
+        raise ckpt.CheckpointError(f"{weights}: not a video-text checkpoint (model {meta.get('model_name')!r}); "
+                                   "`pks4 retrieval` ranks videos by videos with a classifier")
+    cfg = build_section(VideoTextRunConfig, meta["config"])
+    text_cfg = TextConfig(**meta["text_config"])
+    tokenizer = WordPieceTokenizer(meta["text_vocab"], text_cfg.lowercase, source=f"{weights} [text_vocab]")
+    model = VideoTextModel(model_from_config(meta["visual_name"], meta["visual_config"]),
+                           TextEncoder(text_cfg, tokenizer.vocab_size, tokenizer.pad_id),
+                           VideoTextConfig(**meta["video_text_config"]), mask_id=tokenizer.mask_id,
+                           special_ids=_special_ids(tokenizer), teacher_dim=meta.get("teacher_dim"))
+    ckpt.load_weights_into(model, tensors, str(weights))
+    return model.to(map_location).eval(), tokenizer, cfg

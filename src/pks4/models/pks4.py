@@ -50,12 +50,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import handle_torch_function, has_torch_function
 
+from pks4.layers.geometry import TokenGeometry
 from pks4.layers.vit import LayerNorm
+from pks4.models.base import check_ranges
 from pks4.models.clip_vit import CLIP_VIT_B16, CLIPVisionConfig, CLIPVisionTransformer, ClipVideoHooks
 from pks4.ssm.mixer import MambaMixer
 
 CLS_ROUTES = ("t1d", "tsm", "tokenshift", "none")
+CORRELATIONS = ("fast", "reference")
 
 
 @dataclass
@@ -73,6 +77,7 @@ class PKS4Config:
     context_frames: int = 4  # Table 8
     corr_window: int = 9  # spatial search window of the correlation (9x9, §4.2)
     corr_context: int = 1  # psi_corr's first layer: 1 = per position (paper counts), k = k x k conv over the grid
+    correlation: str = "fast"  # how Eq. 15 is computed: "fast" (one matmul + gather) | "reference" (plain)
     var_ratio: float = 0.25  # width of the variation projection, as a fraction of C
     d_state: int = 16  # §4.2
     d_conv: int = 4
@@ -84,11 +89,13 @@ class PKS4Config:
     zero_init_residual: bool = True
     head_dropout: float = 0.0
     scan_backend: str = "auto"
-    pretrained: str = ""  # path to a CLIP checkpoint (any layout pks4.weights reads); "" = random init
+    pretrained: str = ""  # CLIP checkpoint the builder (pks4.weights.create_model) reads first; "" = random init
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):  # rebuilt from a checkpoint's saved config
             self.backbone = CLIPVisionConfig(**self.backbone)
+        check_ranges(self, at_least_one=("num_classes", "num_frames", "corr_window", "d_state", "d_conv", "expand"),
+                     positive=("var_ratio",), rates=("head_dropout",))
         if self.use_module and not 0 <= self.insert_layer <= self.backbone.layers:
             raise ValueError(f"insert_layer {self.insert_layer} outside [0, {self.backbone.layers}]")
         if self.cls_route not in CLS_ROUTES:
@@ -101,6 +108,8 @@ class PKS4Config:
             raise ValueError(f"corr_window must be odd, got {self.corr_window}")
         if self.corr_context < 1 or self.corr_context % 2 != 1:
             raise ValueError(f"corr_context must be an odd kernel size >= 1, got {self.corr_context}")
+        if self.correlation not in CORRELATIONS:
+            raise ValueError(f"correlation {self.correlation!r} not in {CORRELATIONS}")
 
 
 # ---- Kinematic Prior Encoder (§3.3) --------------------------------------------------------------------------
@@ -170,6 +179,23 @@ def local_correlation(f: Tensor, offsets: list[int], window: int, pad: str) -> T
     return s.permute(0, 2, 1, 3).reshape(b, t, h, w, k * window * window)
 
 
+def correlation_scores(f: Tensor, offsets: list[int], window: int, pad: str, impl: str = "fast") -> Tensor:
+    """Eq. 15 through the path ``impl`` names ("fast": :func:`local_correlation`, "reference":
+    :func:`local_correlation_ref`); the correlation operator's one entry point.
+
+    It takes part in torch's function-override protocol (``torch.overrides.handle_torch_function``), so a
+    ``TorchFunctionMode`` sees one call of this operator: ``pks4 profile`` books the operator's own cost there
+    (K * w^2 * C multiply-adds per token) instead of counting whatever the chosen path spends internally.
+    """
+    if has_torch_function((f,)):
+        return handle_torch_function(correlation_scores, (f,), f, offsets, window, pad, impl)
+    if impl == "fast":
+        return local_correlation(f, offsets, window, pad)
+    if impl == "reference":
+        return local_correlation_ref(f, offsets, window, pad)
+    raise ValueError(f"correlation {impl!r} not in {CORRELATIONS}")
+
+
 class GridConv(nn.Conv2d):
     """A k x k convolution over the patch grid of channels-last maps: (B, T, H, W, D_in) -> (B, T, H, W, D_out).
 
@@ -189,19 +215,21 @@ class CorrelationOperator(nn.Module):
     """O_corr (Eq. 15-16): local space-time correlation of normalised features, projected by psi_corr.
 
     ``context`` is the spatial kernel of psi_corr's first layer (see the module docstring): 1 is a per-position
-    Linear, k > 1 a :class:`GridConv` that also reads the neighbours' scores.
+    Linear, k > 1 a :class:`GridConv` that also reads the neighbours' scores. ``impl`` picks the path computing
+    Eq. 15 (see :func:`correlation_scores`).
     """
 
-    def __init__(self, dim: int, offsets: list[int], window: int, pad: str, context: int = 1) -> None:
+    def __init__(self, dim: int, offsets: list[int], window: int, pad: str, context: int = 1,
+                 impl: str = "fast") -> None:
         super().__init__()
-        self.offsets, self.window, self.pad = offsets, window, pad
+        self.offsets, self.window, self.pad, self.impl = offsets, window, pad, impl
         scores = len(offsets) * window**2
         first = nn.Linear(scores, dim) if context == 1 else GridConv(scores, dim, context)
         self.psi = nn.Sequential(first, nn.GELU(), nn.Linear(dim, dim))
 
     def forward(self, f: Tensor) -> Tensor:
         """f (B, T, H, W, C) -> F^corr (B, T, H, W, C) = f + psi_corr(S)."""
-        s = local_correlation(F.normalize(f, dim=-1), self.offsets, self.window, self.pad)
+        s = correlation_scores(F.normalize(f, dim=-1), self.offsets, self.window, self.pad, self.impl)
         return f + self.psi(s)
 
 
@@ -226,8 +254,8 @@ class KinematicPriorEncoder(nn.Module):
         super().__init__()
         offsets = temporal_offsets(cfg.context_frames)
         self.norm = LayerNorm(dim)
-        self.corr = (CorrelationOperator(dim, offsets, cfg.corr_window, cfg.temporal_pad, cfg.corr_context)
-                     if cfg.use_corr else None)
+        self.corr = (CorrelationOperator(dim, offsets, cfg.corr_window, cfg.temporal_pad, cfg.corr_context,
+                                         cfg.correlation) if cfg.use_corr else None)
         use_var = cfg.use_var and offsets != [0]
         var_dim = max(1, int(dim * cfg.var_ratio))
         self.var = VariationOperator(dim, var_dim, offsets, cfg.temporal_pad) if use_var else None
@@ -334,14 +362,16 @@ class PKS4Module(nn.Module):
 
 # ---- the model -----------------------------------------------------------------------------------------------
 class PKS4Model(ClipVideoHooks, nn.Module):
-    """CLIP ViT + one PKS4 module + temporal average pooling + linear head. Input (B, T, 3, H, W)."""
+    """CLIP ViT + one PKS4 module + temporal average pooling + linear head. Input (B, T, 3, H, W).
+
+    Built with random weights; ``pks4.weights.create_model(name, pretrained=...)`` builds the tower from a
+    CLIP checkpoint first and then attaches the module and head.
+    """
 
     def __init__(self, cfg: PKS4Config, model_name: str = "pks4") -> None:
         super().__init__()
         self.config, self.model_name = cfg, model_name
         self.backbone = CLIPVisionTransformer(cfg.backbone)
-        if cfg.pretrained:
-            self._load_backbone(cfg.pretrained)
         width = cfg.backbone.width
         self.module = PKS4Module(width, cfg) if cfg.use_module else None
         feat_dim = cfg.backbone.output_dim or width
@@ -350,18 +380,12 @@ class PKS4Model(ClipVideoHooks, nn.Module):
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def _load_backbone(self, path: str) -> None:
-        from pks4.weights import load_pretrained_backbone  # weights reads files; models stay import-light
-
-        loaded = load_pretrained_backbone(path, image_size=self.config.backbone.image_size)
-        self.backbone.load_state_dict(loaded.state_dict())
-
-    def frame_features(self, x: Tensor) -> Tensor:
+    def frame_features(self, x: Tensor, *, geometry: TokenGeometry | None = None) -> Tensor:
         """x (B, T, 3, H, W) -> per-frame features v_t (B, T, D) (§3.1 'video-level prediction')."""
         self._check_input(x)
         b, t = x.shape[:2]
-        grid_hw = self.backbone.grid_size(x.shape[-2], x.shape[-1])
-        tokens = self.backbone.embed(x.flatten(0, 1))  # (B*T, 1+N, C)
+        grid_hw = self.backbone.grid_size(x.shape[-2], x.shape[-1], geometry)
+        tokens = self.backbone.embed(x.flatten(0, 1), geometry)  # (B*T, 1+N, C)
         if self.module is None:
             tokens = self.backbone.forward_blocks(tokens)
         else:
@@ -371,6 +395,6 @@ class PKS4Model(ClipVideoHooks, nn.Module):
         v = self.backbone.forward_head(self.backbone.forward_head_tokens(tokens))
         return v.view(b, t, -1)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor, *, geometry: TokenGeometry | None = None) -> Tensor:
         """Pooled clip feature (B, D): temporal average of the frame features (Eq. 8)."""
-        return self.frame_features(x).mean(dim=1)
+        return self.frame_features(x, geometry=geometry).mean(dim=1)

@@ -18,18 +18,20 @@ mask, which the attention functions honour without any causal mask.)
 at most ``max_len`` tokens per caption (UMT: 32); longer captions are cut with a note, empty ones refused.
 
 **Real BERT weights** are a folder (``vocab.txt``, ``config.json``, ``model.safetensors`` or
-``pytorch_model.bin``): nothing is downloaded and the hub is never contacted (``HF_HUB_OFFLINE=1``).
+``pytorch_model.bin``) read by :func:`pks4.weights.bert.build_text_encoder`: nothing is downloaded and the hub is
+never contacted (``HF_HUB_OFFLINE=1``).
 """
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from pks4.errors import UserError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # folders only: never ask the hub for anything
 
@@ -43,13 +45,15 @@ except ImportError as err:  # the text side is an optional extra
     raise ImportError("the video-text model needs the optional text extra: pip install 'pks4[text]' "
                       f"(transformers and tokenizers); import failed with: {err}") from err
 
-__all__ = [
-    "TextConfig", "TokenBatch", "WordPieceTokenizer", "load_tokenizer", "build_vocab", "TextEncoder",
-    "build_text_encoder", "load_bert_weights", "SPECIAL_TOKENS",
-]
+__all__ = ["TextConfig", "TokenBatch", "WordPieceTokenizer", "load_tokenizer", "build_vocab", "TextEncoder",
+           "bert_config", "SPECIAL_TOKENS", "VOCAB_FILE", "TextFolderError"]
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 VOCAB_FILE = "vocab.txt"
+
+
+class TextFolderError(UserError, FileNotFoundError):
+    """A text folder that is missing or holds no ``vocab.txt`` (the message names it)."""
 
 
 @dataclass
@@ -93,18 +97,20 @@ class TokenBatch:
 
 
 class WordPieceTokenizer:
-    """BERT's WordPiece tokenizer read from a ``vocab.txt`` (``tokenizers`` does the work)."""
+    """BERT's WordPiece tokenizer over a vocabulary (the lines of a ``vocab.txt``; ``tokenizers`` does the work).
+    ``words`` is that vocabulary in id order (what a checkpoint keeps, so it needs no folder to be read)."""
 
-    def __init__(self, vocab_file: str | os.PathLike, lowercase: bool = True) -> None:
-        self.vocab_file = str(vocab_file)
-        words = set(Path(vocab_file).read_text(encoding="utf-8").splitlines())
-        absent = [name for name in SPECIAL_TOKENS if name not in words]
+    def __init__(self, words: Sequence[str], lowercase: bool = True, source: str = "vocabulary") -> None:
+        self.words, self.source = list(words), source
+        absent = [name for name in SPECIAL_TOKENS if name not in set(self.words)]
         if absent:
-            raise ValueError(f"{self.vocab_file}: the vocabulary lacks BERT's special tokens {absent}")
-        self._tok = BertWordPieceTokenizer(self.vocab_file, lowercase=lowercase)
-        ids = {name: self._tok.token_to_id(name) for name in SPECIAL_TOKENS}
+            raise ValueError(f"{source}: the vocabulary lacks BERT's special tokens {absent}")
+        ids: dict[str, int] = {}
+        for i, word in enumerate(self.words):
+            ids.setdefault(word, i)
+        self._tok = BertWordPieceTokenizer(ids, lowercase=lowercase)
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (ids[n] for n in SPECIAL_TOKENS)
-        self.vocab_size = self._tok.get_vocab_size()
+        self.vocab_size = len(self.words)
 
     def __call__(self, texts: Sequence[str], max_len: int) -> TokenBatch:
         """``[CLS] pieces [SEP]`` per caption, cut to ``max_len`` tokens, padded to the longest."""
@@ -133,11 +139,12 @@ def load_tokenizer(folder: str | os.PathLike, lowercase: bool = True) -> WordPie
     """The tokenizer of a BERT folder; the folder must hold ``vocab.txt``."""
     vocab = Path(folder) / VOCAB_FILE
     if not Path(folder).is_dir():
-        raise FileNotFoundError(f"{folder}: text folder not found (expected a folder holding {VOCAB_FILE})")
+        raise TextFolderError(f"{folder}: text folder not found (expected a folder holding {VOCAB_FILE})")
     if not vocab.is_file():
-        raise FileNotFoundError(f"{folder}: no {VOCAB_FILE} in the text folder (a BERT folder holds vocab.txt, "
-                                "config.json and the weights; `pks4.models.text.build_vocab` writes one)")
-    return WordPieceTokenizer(vocab, lowercase)
+        raise TextFolderError(f"{folder}: no {VOCAB_FILE} in the text folder (a BERT folder holds vocab.txt, "
+                                "config.json and the weights; `pks4 data captions` or pks4.models.text.build_vocab writes one)")
+    words = vocab.read_text(encoding="utf-8").splitlines()
+    return WordPieceTokenizer(words, lowercase, source=str(vocab))
 
 
 def build_vocab(texts: Sequence[str], folder: str | os.PathLike, lowercase: bool = True) -> Path:
@@ -250,76 +257,3 @@ class TextEncoder(nn.Module):
     def mlm_logits(self, hidden: Tensor) -> Tensor:
         """Fused features (B, L, W) -> vocabulary logits (B, L, V)."""
         return self.mlm(hidden)
-
-
-# ---- building and loading ------------------------------------------------------------------------------------
-def build_text_encoder(cfg: TextConfig) -> tuple[TextEncoder, WordPieceTokenizer]:
-    """Tokenizer from ``cfg.path``/vocab.txt; encoder initialised from the BERT weights in that folder when it
-    holds any (checked against ``cfg``: another width is refused, naming the file and key), else at random."""
-    if not cfg.path:
-        raise ValueError("text.path is empty: give a folder holding vocab.txt (and BERT weights to start from)")
-    tokenizer = load_tokenizer(cfg.path, cfg.lowercase)
-    encoder = TextEncoder(cfg, tokenizer.vocab_size, tokenizer.pad_id)
-    if _weights_file(Path(cfg.path)) is not None:
-        load_bert_weights(encoder, cfg.path)
-    return encoder, tokenizer
-
-
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
-_CONFIG_KEYS = (("hidden_size", "width"), ("num_hidden_layers", "depth"), ("num_attention_heads", "heads"))
-
-
-def _weights_file(folder: Path) -> Path | None:
-    return next((folder / n for n in _WEIGHT_FILES if (folder / n).is_file()), None)
-
-
-def _bert_key(key: str) -> str | None:
-    """A BERT checkpoint key -> this encoder's key (None: not part of it: pooler, NSP head, tied decoder)."""
-    if key.startswith("bert."):
-        key = key[len("bert."):]
-    if key.startswith(("pooler.", "cls.seq_relationship.", "cls.predictions.decoder.")) or key.endswith("position_ids"):
-        return None
-    key = key.replace("cls.predictions.", "mlm.")
-    return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-
-
-def _check_config(folder: Path, cfg: TextConfig) -> None:
-    from pks4.weights import CheckpointError, read_hf_config  # weights reads files; models stay import-light
-
-    saved = read_hf_config(folder)
-    if saved is None:
-        return
-    for key, ours in _CONFIG_KEYS:
-        if key in saved and saved[key] != getattr(cfg, ours):
-            raise CheckpointError(folder / "config.json", f"{key} is {saved[key]}, but the text encoder is built "
-                                  f"with text.{ours}={getattr(cfg, ours)}; set text.{ours}={saved[key]} to use it")
-
-
-def load_bert_weights(encoder: TextEncoder, folder: str | os.PathLike) -> list[str]:
-    """Fill ``encoder`` from a BERT folder (Hugging Face layout, ``bert.`` prefix or not, TF-era
-    ``gamma``/``beta`` names). Only the fusion layers' cross-attention blocks (and an absent MLM head) may
-    be missing: they keep their initialisation and are returned. Any other gap, or a tensor of another shape
-    (a checkpoint of another width), raises ``CheckpointError`` naming the file and the key."""
-    from pks4.weights import CheckpointError, load_state_dict_strict, read_checkpoint_file
-
-    folder = Path(folder)
-    _check_config(folder, encoder.cfg)
-    state = {}
-    for key, value in read_checkpoint_file(folder).items():
-        ours = _bert_key(key)
-        if ours is not None:
-            state[ours] = value
-    source = _weights_file(folder) or folder
-    own = encoder.state_dict()
-    for key, value in state.items():
-        if key in own and tuple(value.shape) != tuple(own[key].shape):
-            raise CheckpointError(source, f"key {key!r} holds {tuple(value.shape)}, the text encoder expects "
-                                  f"{tuple(own[key].shape)} (text.width {encoder.width}, vocabulary "
-                                  f"{encoder.vocab_size} from vocab.txt)")
-    report = load_state_dict_strict(encoder, state, source, allow_partial=["encoder.layer.*.crossattention.*",
-                                                                            "mlm.*"])
-    new = [k for k in report.missing if not k.startswith("encoder.layer.") or "crossattention" not in k]
-    if new:
-        warnings.warn(f"{source}: no masked-LM head in the checkpoint; {', '.join(new)} start at random", stacklevel=2)
-    return report.missing

@@ -21,9 +21,14 @@ A visual encoder from the model registry (a VideoMamba, or any registered model 
 
 **Masking.** In the masked phase the visual encoder runs only the visible tokens: 50% of the patches hidden
 for images (one-frame clips), 80% for videos, chosen by the CLIP teacher's CLS attention (UMT's attention
-masking), or uniformly at random without a teacher. The unmasked tuning phase (``masked=False``) runs every
-token and drops UTA. Masking needs a VideoMamba whose scan is a plain forward/backward flip (it runs any
-subset of tokens); other registered encoders train unmasked.
+masking), or uniformly at random without a teacher. The unmasked tuning phase (:meth:`VideoTextModel.set_masked`
+False) runs every token and drops UTA. Masking needs a VideoMamba whose scan is a plain forward/backward flip (it
+runs any subset of tokens); other registered encoders train unmasked.
+
+**Several processes.** Under ``torchrun`` the contrastive objective compares each process's pairs with the
+pairs of every process (UMT's all-gather): the features are gathered with their gradients
+(:func:`gather_with_grad`), so the loss and its gradient are those of one batch of all the processes' pairs.
+Matching negatives and masked words stay within each process's batch.
 
 **Visual features.** A VideoMamba gives all its tokens after ``norm_f``; the pooled feature is
 LayerNorm(CLS + mean of the patch tokens) (UMT's "cls+avg"). Another encoder gives its pooled
@@ -37,6 +42,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -48,7 +55,7 @@ from pks4.models.videomamba_pretrain import (AlignmentDecoder, attention_guided_
 __all__ = [
     "LossWeights", "VideoTextConfig", "VisualFeatures", "VideoTextModel", "contrastive_loss",
     "sample_hard_negatives", "matching_loss", "mask_caption_tokens", "mlm_loss", "visual_width",
-    "can_run_visible",
+    "can_run_visible", "gather_with_grad",
 ]
 
 IGNORE = -100  # label of tokens the MLM loss skips (PyTorch's cross-entropy default)
@@ -72,7 +79,6 @@ class VideoTextConfig:
     temp: float = 0.07  # initial contrastive temperature (learnable)
     temp_min: float = 0.001  # the temperature is clamped to [temp_min, temp_max] before every use (UMT)
     temp_max: float = 0.5
-    masked: bool = True  # False = the unmasked tuning phase: every visual token, no UTA
     video_mask_ratio: float = 0.8  # §4.4: 80% of each frame's patches hidden for videos
     image_mask_ratio: float = 0.5  # ... and 50% for images (one-frame clips)
     mask_sample: bool = True  # visible patches drawn in proportion to the teacher's attention; False = top-k
@@ -101,20 +107,47 @@ def _same_video(video_ids: Tensor | None, n: int, device: torch.device) -> Tenso
     return video_ids.view(-1, 1) == video_ids.view(1, -1)
 
 
-def contrastive_loss(video: Tensor, text: Tensor, temp: Tensor | float, video_ids: Tensor | None = None) -> Tensor:
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` (B_r, ...) of every process in rank order, with gradients flowing back to each owner
+    (``torch.distributed.nn``'s all-gather; batches of different sizes are padded for the exchange). Without a
+    process group, or with one process, ``x`` itself."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor(len(x), device=x.device))
+    counts = [int(n) for n in sizes]
+    padded = F.pad(x, (0,) * (2 * (x.dim() - 1)) + (0, max(counts) - len(x)))
+    parts = dist_nn.all_gather(padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def contrastive_loss(video: Tensor, text: Tensor, temp: Tensor | float, video_ids: Tensor | None = None, *,
+                     gather: bool = False) -> Tensor:
     """VTC: mean of the video->text and text->video cross-entropies over ``cos(v_i, t_j) / temp``.
 
     video, text: (B, E) features of the batch's pairs (normalised here); video_ids (B,): pairs showing the same
     video are all positives, each row's target spread evenly over them (UMT); None = only the diagonal.
+    ``gather``: each local row is compared with the pairs of every process (:func:`gather_with_grad`); the
+    video ids must then be global (the same video has the same id in every process).
     """
     dtype = torch.promote_types(video.dtype, torch.float32)  # fp32 at least, also under bf16 autocast
     v, t = F.normalize(video.to(dtype), dim=-1), F.normalize(text.to(dtype), dim=-1)
-    sim = v @ t.t() / temp  # (B_v, B_t)
-    targets = _same_video(video_ids, len(v), v.device).float()
-    targets = targets / targets.sum(dim=1, keepdim=True)  # symmetric, so it serves both directions
-    v2t = -(F.log_softmax(sim, dim=1) * targets).sum(dim=1).mean()
-    t2v = -(F.log_softmax(sim.t(), dim=1) * targets).sum(dim=1).mean()
+    if video_ids is None:  # the pairs' positions, made global when gathered
+        offset = _rank_offset(len(v), v.device) if gather else 0
+        video_ids = torch.arange(len(v), device=v.device) + offset
+    v_all, t_all = (gather_with_grad(v), gather_with_grad(t)) if gather else (v, t)
+    ids_all = gather_with_grad(video_ids) if gather else video_ids
+    targets = (video_ids.view(-1, 1) == ids_all.view(1, -1)).to(dtype)  # (B, B_all)
+    targets = targets / targets.sum(dim=1, keepdim=True)
+    v2t = -(F.log_softmax(v @ t_all.t() / temp, dim=1) * targets).sum(dim=1).mean()
+    t2v = -(F.log_softmax(t @ v_all.t() / temp, dim=1) * targets).sum(dim=1).mean()
     return (v2t + t2v) / 2
+
+
+def _rank_offset(n: int, device: torch.device) -> Tensor:
+    """Index of this process's first pair among all processes' pairs."""
+    sizes = gather_with_grad(torch.tensor([n], device=device))
+    return sizes[:dist.get_rank()].sum() if dist.is_initialized() else torch.zeros((), dtype=torch.long)
 
 
 def sample_hard_negatives(sim: Tensor, video_ids: Tensor | None = None, hard: bool = True,
@@ -203,9 +236,6 @@ class VideoTextModel(nn.Module):
                  special_ids: tuple[int, ...], teacher_dim: int | None = None) -> None:
         super().__init__()
         width = visual_width(visual)
-        if cfg.masked and not can_run_visible(visual):
-            raise ValueError(f"video_text.masked=true needs a VideoMamba with a flip scan {FLIP_SCANS} (it runs "
-                             f"the visible tokens only); {type(visual).__name__} trains with masked=false")
         visual.head = nn.Identity()  # the classifier is not used: no dead parameters
         self.visual, self.text, self.cfg = visual, text, cfg
         self.mask_id, self.special_ids = mask_id, tuple(special_ids)
@@ -216,6 +246,15 @@ class VideoTextModel(nn.Module):
         self.itm_head = nn.Linear(text.width, 2)
         self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
         self.decoder = AlignmentDecoder(width, teacher_dim) if teacher_dim else None
+        self.masked = False  # the unmasked tuning phase until set_masked(True)
+        self.gather = False  # compare the pairs of every process in the contrastive objective (set under DDP)
+
+    def set_masked(self, masked: bool) -> None:
+        """Masked pretraining (True: the visible tokens only, UTA) or the unmasked tuning phase (False)."""
+        if masked and not can_run_visible(self.visual):
+            raise ValueError(f"masking needs a VideoMamba with a flip scan {FLIP_SCANS} (it runs the visible tokens "
+                             f"only); {type(self.visual).__name__} trains unmasked")
+        self.masked = masked
 
     # ---- encoders ------------------------------------------------------------------------------------
     def encode_visual(self, clip: Tensor, keep: Tensor | None = None) -> VisualFeatures:
@@ -275,10 +314,10 @@ class VideoTextModel(nn.Module):
     def losses(self, clip: Tensor, tokens: TokenBatch, video_ids: Tensor | None = None,
                teacher: nn.Module | None = None) -> dict[str, Tensor]:
         """Weighted losses of one batch of pairs (clip i with caption i): "vtc", "vtm", "mlm", "uta" (those
-        switched on; UTA only in the masked phase with a teacher) and "loss", their sum."""
+        switched on; UTA only in the masked phase with a teacher). The objective is their sum."""
         self.clamp_temperature()
         w = self.cfg.weights
-        keep, targets = self.choose_visible(clip, teacher) if self.cfg.masked else (None, None)
+        keep, targets = self.choose_visible(clip, teacher) if self.masked else (None, None)
         visual = self.encode_visual(clip, keep)
         ids, mask = tokens.input_ids, tokens.attention_mask
         hidden = self.text(ids, mask)
@@ -286,7 +325,7 @@ class VideoTextModel(nn.Module):
         kv = self.visual_to_text(visual.tokens)
         out: dict[str, Tensor] = {}
         if w.vtc:
-            out["vtc"] = w.vtc * contrastive_loss(v, t, self.temp, video_ids)
+            out["vtc"] = w.vtc * contrastive_loss(v, t, self.temp, video_ids, gather=self.gather)
         if w.vtm:
             out["vtm"] = w.vtm * self._matching(v, t, hidden, mask, kv, video_ids)
         if w.mlm:
@@ -298,7 +337,6 @@ class VideoTextModel(nn.Module):
             pred = self.decoder(visual.stream, keep, targets.shape[1])
             target = targets.gather(1, keep.unsqueeze(-1).expand(-1, -1, targets.shape[-1]))
             out["uta"] = w.uta * cosine_alignment_loss(pred, target)
-        out["loss"] = torch.stack(list(out.values())).sum()
         return out
 
     def _matching(self, v: Tensor, t: Tensor, hidden: Tensor, mask: Tensor, kv: Tensor,
