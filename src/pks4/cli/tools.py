@@ -65,9 +65,16 @@ def _models_cmd(args: argparse.Namespace) -> int:
 
 
 def _demo_cmd(args: argparse.Namespace) -> int:
+    if args.task == "video-text":
+        from pks4.engine.video_text_demo import load_video_text_demo_config, run_video_text_demo
+
+        out = args.out or "runs/demo_video_text"
+        report = run_video_text_demo(load_video_text_demo_config(args.config, list(args.set or [])), out)
+        print((Path(out) / "report.md").read_text(), end="")
+        return 0
     from pks4.engine.demo import load_demo_config, run_demo
 
-    report = run_demo(load_demo_config(args.config, list(args.set or [])), args.out)
+    report = run_demo(load_demo_config(args.config, list(args.set or [])), args.out or "runs/demo")
     print(json.dumps(report))
     return 0
 
@@ -161,8 +168,12 @@ def add_parsers(sub: Any) -> None:
     _add_data(sub)
     sub.add_parser("models", help="registered models and parameter counts").set_defaults(func=_models_cmd)
     _add_profile(sub)
-    demo = sub.add_parser("demo", help="synthetic benchmark: tiny PKS4 vs frame-average baseline on CPU")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--config", help="demo preset YAML (default: the packaged demo.yaml)")
+    demo = sub.add_parser("demo", help="synthetic benchmark: tiny PKS4 vs frame-average baseline on CPU (or, with "
+                          "--task video-text, zero-shot text-to-video retrieval)")
+    demo.add_argument("--out", help="output folder (default: runs/demo, runs/demo_video_text)")
+    demo.add_argument("--task", choices=("classify", "video-text"), default="classify",
+                      help="classify: the temporal benchmark's classes (default); video-text: captions naming an "
+                      "order of events, retrieval against the frame average")
+    demo.add_argument("--config", help="demo preset YAML (default: the packaged demo.yaml / demo_video_text.yaml)")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset key")
     demo.set_defaults(func=_demo_cmd)

@@ -20,13 +20,26 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from pks4.data.captions import CaptionSet
 from pks4.data.items import Batch
 from pks4.engine.retrieval_metrics import (recall_summary, rerank_top_k, retrieval_metrics, text_to_video_ranks,
                                            video_to_text_ranks)
 from pks4.models.text import WordPieceTokenizer
 from pks4.models.video_text import VideoTextModel
 
-__all__ = ["VideoCodes", "TextCodes", "encode_videos", "encode_texts", "rank", "caption_preference"]
+__all__ = ["VideoCodes", "TextCodes", "encode_videos", "encode_texts", "rank", "caption_preference",
+           "note_long_captions"]
+
+
+def note_long_captions(captions: CaptionSet, tokenizer: WordPieceTokenizer, max_len: int,
+                       log: Callable[[str], None]) -> list[str]:
+    """Say once which captions of ``captions`` the tokenizer will cut at ``max_len`` tokens; returns them."""
+    long = captions.long_captions(tokenizer.count_tokens, max_len)
+    if long:
+        shown = ", ".join(long[:5]) + (f", ... ({len(long) - 5} more)" if len(long) > 5 else "")
+        log(f"note: {captions.source}: {len(long)} caption(s) longer than {max_len} tokens will be cut "
+            f"(text.max_len): {shown}")
+    return long
 
 
 @dataclass

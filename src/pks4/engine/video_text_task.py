@@ -49,13 +49,13 @@ from pks4.engine.loader import ShardPlan
 from pks4.engine.loop import Loop, LoopSettings, RunResult, Task
 from pks4.engine.pretrain import TeacherConfig, build_teacher
 from pks4.engine.runtime import DistInfo, TrainingError, process_group, start_process
-from pks4.engine.text_retrieval import encode_texts, encode_videos, rank
+from pks4.engine.text_retrieval import encode_texts, encode_videos, note_long_captions, rank
 from pks4.models.text import TextConfig, TextEncoder, TokenBatch, WordPieceTokenizer
 from pks4.models.video_text import VideoTextConfig, VideoTextModel, can_run_visible
 
 __all__ = ["CaptionFile", "CaptionData", "RetrievalConfig", "VideoTextRunConfig", "load_video_text_config",
            "SourcePlan", "VideoTextTask", "build_video_text_trainer", "pretrain_video_text", "load_video_text",
-           "retrieval_metrics_of", "TASK_NAME"]
+           "retrieval_metrics_of", "retrieval_from_checkpoint", "TASK_NAME"]
 
 Log = Callable[[str], None]
 TASK_NAME = "video-text"
@@ -232,6 +232,7 @@ class VideoTextTask(Task):
         self._noted_cut = False
         if val is not None:
             self.val_videos = CaptionDataset(val, cfg.data, train=False, per="video")
+            note_long_captions(val, tokenizer, cfg.text.max_len, log)
 
     @staticmethod
     def _masks(cfg: VideoTextRunConfig, model: VideoTextModel) -> bool:
@@ -404,3 +405,32 @@ def load_video_text(path: str | Path, map_location: str | torch.device = "cpu"
                            special_ids=_special_ids(tokenizer), teacher_dim=meta.get("teacher_dim"))
     ckpt.load_weights_into(model, tensors, str(weights))
     return model.to(map_location).eval(), tokenizer, cfg
+
+
+def retrieval_from_checkpoint(checkpoint: str | Path, captions: str | None = None, format: str | None = None,
+                              root: str | None = None, *, rerank_k: int | None = None, batch_size: int | None = None,
+                              device: str = "auto", num_workers: int = 0, log: Log = print) -> dict[str, Any]:
+    """``pks4 text-retrieval``: a video-text run or checkpoint ranks the videos of a caption file (default: the
+    run's ``captions.val``) for every caption and the captions for every video, zero-shot or after fine-tuning.
+    Returns the metrics of :func:`retrieval_metrics_of` plus the file read and the re-ranking depth."""
+    from pks4.engine.loader import LoaderOptions, sequential_stream
+
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    model, tokenizer, cfg = load_video_text(checkpoint, map_location=dev)
+    if captions:  # media under --root, else beside the file
+        given = CaptionFile(captions, format or "captions", root or "")
+        caption_set = read_captions(given.path, given.format, given.root)
+    else:
+        given = cfg.val_file()
+        if given is None:
+            raise ConfigError(f"{checkpoint}: the run evaluated no captions; give --captions FILE --format FORMAT")
+        caption_set = read_captions(given.path, given.format, given.root or cfg.data.root)
+    long = note_long_captions(caption_set, tokenizer, cfg.text.max_len, log)
+    r = cfg.retrieval
+    k = r.rerank_k if rerank_k is None else rerank_k
+    clips = CaptionDataset(caption_set, cfg.data, train=False, per="video")
+    batches = sequential_stream(clips, batch_size or r.batch_size, LoaderOptions(num_workers, cfg.train.loader_timeout),
+                                skip_bad=False, where="text retrieval")
+    metrics = retrieval_metrics_of(model, tokenizer, caption_set, batches, max_len=cfg.text.max_len, device=dev,
+                                   rerank_k=k, text_batch_size=r.text_batch_size)
+    return {**metrics, "captions": caption_set.source, "format": given.format, "rerank_k": k, "cut_captions": len(long)}
