@@ -4,13 +4,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from pks4.cli import main
 from pks4.data.captions import UNLABELLED, CaptionDataset, read_captions, write_caption_json
 from pks4.data.datasets import DataConfig, DatasetError, build_dataset, check_dataset
 from pks4.data.items import Skipped, collate
-from pks4.data.synth import CLASSES, PAIRS, generate_synth, render_clip, sample_params, write_video
+from pks4.data.synth import CLASSES, generate_synth, render_clip, sample_params, write_video
 from pks4.data.synth_captions import CAPTION_TEMPLATES, class_captions, object_colour, write_synth_captions
 from pks4.data.video import DataError
 

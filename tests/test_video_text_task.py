@@ -201,3 +201,86 @@ torch.save({"loss": float(loss.detach()), "video_grad": v.grad, "text_grad": t.g
            f"{sys.argv[1]}/rank{rank}.pt")
 dist.destroy_process_group()
 '''
+
+
+# ---- the command line ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    """A video-text run trained by `pks4 pretrain --task video-text` (one epoch)."""
+    from pks4.cli import main
+
+    out = tmp_path_factory.mktemp("cli") / "run"
+    sets = [s for s in _sets(data, out, **{"train.epochs": 1}) if not s.startswith("out=")]
+    assert main(["pretrain", "--task", "video-text", "--out", str(out), *[x for s in sets for x in ("--set", s)]]) == 0
+    return out
+
+
+def test_text_retrieval_on_the_runs_captions_and_on_a_given_file(run, data, capsys):
+    from pks4.cli import main
+
+    capsys.readouterr()
+    assert main(["text-retrieval", "--checkpoint", str(run), "--json", "--rerank", "3"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["videos"] == 10 and report["texts"] == 30 and report["rerank_k"] == 3
+    assert {"t2v_r1", "t2v_r5", "t2v_r10", "t2v_mdr", "v2t_mdr", "rerank_t2v_r1", "r_mean"} <= set(report)
+    val = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "val"][-1]
+    assert report["t2v_r1"] == val["t2v_r1"] and report["v2t_mdr"] == val["v2t_mdr"]  # one path, one answer
+    synth = data[0]
+    assert main(["text-retrieval", "--checkpoint", str(run), "--captions", str(synth / "captions_train.json"),
+                 "--format", "captions"]) == 0
+    out = capsys.readouterr().out
+    assert "captions_train.json (captions): 30 captions, 10 videos" in out and "text-to-video" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rerank", "-1"], "--rerank -1: expected 0 (off)"),
+    (["--format", "msrvtt"], "--format names the layout of --captions FILE"),
+    (["--captions", "nowhere.json"], "nowhere.json: annotation file not found"),
+    (["--captions", "x.json", "--format", "vatex"], "format='vatex'; expected a caption format"),
+])
+def test_text_retrieval_bad_input(run, args, message, capsys):
+    from pks4.cli import main
+
+    assert main(["text-retrieval", "--checkpoint", str(run), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_classifier_commands_name_a_video_text_checkpoint(run, capsys):
+    from pks4.cli import main
+
+    assert main(["eval", "--checkpoint", str(run), "--workers", "0"]) == 2
+    assert "a video-text checkpoint" in capsys.readouterr().err
+
+
+def test_a_recipes_task_key_picks_the_video_text_task(data, tmp_path, capsys):
+    from pks4.cli import main
+    from pks4.engine.config import format_config
+
+    recipe = tmp_path / "vt.yaml"  # a whole resolved config, as a run prints it: its `task:` key says what it is
+    cfg = load_video_text_config(None, _sets(data, tmp_path / "run", **{"train.stop_after_steps": 1, "data.val": ""}))
+    recipe.write_text(format_config(cfg))
+    assert main(["pretrain", str(recipe)]) == 0
+    assert "video-text model" in capsys.readouterr().out
+    assert main(["pretrain", str(recipe), "--set", "task=captioning"]) == 2
+    assert "task 'captioning'" in capsys.readouterr().err
+
+
+def test_bad_input_to_video_text_training_is_one_line_naming_the_file(data, tmp_path, capsys):
+    from pks4.cli import main
+
+    empty = tmp_path / "no_vocab"
+    empty.mkdir()
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps([{"video": "gone.mp4", "caption": "a red dial"}]))
+    blank = tmp_path / "blank.json"
+    blank.write_text(json.dumps([{"video": "gone.mp4", "caption": "  "}]))
+    cases = [({"text.path": empty}, "no vocab.txt in the text folder"),
+             ({"data.train": missing}, "1 of 1 media named by the captions are not on disk"),
+             ({"data.train": blank}, "entry 0: empty caption"),
+             ({"data.format": "list"}, "data.train is read with data.format='list', which is not a caption format")]
+    for extra, message in cases:
+        sets = _sets(data, tmp_path / "run", **extra)
+        assert main(["pretrain", "--task", "video-text", *[x for s in sets for x in ("--set", s)]]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

@@ -75,10 +75,10 @@ from pks4.engine.ema import WeightEMA
 from pks4.engine.loader import BatchStream, FlexPlan, LoaderOptions, SeededItems, ShardPlan
 from pks4.engine.optim import LRSchedule, build_optimizer, scaled_lr
 from pks4.engine.runlog import MetricsLog, plot_curves
-from pks4.engine.runtime import DistInfo, StopFlag, TrainingError, agree, amp_dtype_for
+from pks4.engine.runtime import DistInfo, StopFlag, TrainingError, agree, amp_dtype_for, process_group
 from pks4.layers.geometry import TokenGeometry
 
-__all__ = ["Task", "LoopSettings", "RunResult", "Loop"]
+__all__ = ["Task", "LoopSettings", "RunResult", "Loop", "run_printed"]
 
 Log = Callable[[str], None]
 
@@ -595,3 +595,14 @@ class Loop:
                      f"{self.run_dir / 'skipped_videos.txt'}):\n  {shown}{more}")
         self.task.finished(self, checkpoint)
 
+
+
+def run_printed(cfg: Any, build: Callable[..., Loop], resume: str | None = None, log: Log = print) -> RunResult:
+    """What every training command does: print the resolved config (on the main rank), build the loop with
+    ``build(cfg, resume=resume, log=log)`` and run it; the process group is torn down afterwards."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        log(format_config(cfg).rstrip())
+    with process_group():
+        return build(cfg, resume=resume, log=log).fit()

@@ -28,7 +28,6 @@ the residual stream entering its last block), so they are frozen here and start 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -40,9 +39,9 @@ from torch.utils.data import Dataset
 from pks4.data.datasets import DataConfig
 from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import (ModelConfig, OptimConfig, RunConfig, TrainConfig,
-                                config_to_dict, format_config, load_section)
-from pks4.engine.loop import Loop, LoopSettings, RunResult, Task
-from pks4.engine.runtime import TrainingError, process_group, start_process
+                                config_to_dict, load_section)
+from pks4.engine.loop import Loop, LoopSettings, RunResult, Task, run_printed
+from pks4.engine.runtime import TrainingError, start_process
 from pks4.engine.train import build_model
 from pks4.models.clip_vit import CLIP_VIT_B16, CLIP_VIT_L14, CLIP_VIT_TINY, CLIPVisionTransformer
 from pks4.models.videomamba import FLIP_SCANS, VideoMamba
@@ -223,7 +222,4 @@ def build_pretrainer(cfg: PretrainConfig, resume: str | None = None, log: Log = 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None, log: Log = print) -> RunResult:
     """Print the resolved config and run the pretraining; the process group is torn down afterwards."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        log(format_config(cfg).rstrip())
-    with process_group():
-        return build_pretrainer(cfg, resume=resume, log=log).fit()
+    return run_printed(cfg, build_pretrainer, resume, log)

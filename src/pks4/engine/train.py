@@ -18,7 +18,6 @@ count, :class:`pks4.engine.regression.RegressTask`).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,12 +29,12 @@ from torch.utils.data import Dataset
 from pks4.data.flex_sampler import FlexConfig, resolve_flex_config
 from pks4.data.items import Batch
 from pks4.engine import checkpoint as ckpt
-from pks4.engine.config import RunConfig, config_to_dict, format_config
+from pks4.engine.config import RunConfig, config_to_dict
 from pks4.engine.infer import compute_metrics, confusion_matrix, evaluate, save_confusion_matrix
-from pks4.engine.loop import Loop, LoopSettings, RunResult, Task
+from pks4.engine.loop import Loop, LoopSettings, RunResult, Task, run_printed
 from pks4.engine.distill import SelfDistillation, WithProjector, load_distill_teacher
 from pks4.engine.regression import RegressTask, TargetScale, attach_regression_head
-from pks4.engine.runtime import TrainingError, process_group, start_process
+from pks4.engine.runtime import TrainingError, start_process
 from pks4.layers.geometry import TokenGeometry
 
 __all__ = ["build_model", "build_datasets", "resolve_classes", "soft_targets", "soft_cross_entropy", "ClassifyTask",
@@ -250,7 +249,4 @@ def build_trainer(cfg: RunConfig, resume: str | None = None, log: Log = print) -
 
 def train(cfg: RunConfig, resume: str | None = None, log: Log = print) -> RunResult:
     """Print the resolved config and run the training; the process group is torn down afterwards."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        log(format_config(cfg).rstrip())
-    with process_group():
-        return build_trainer(cfg, resume=resume, log=log).fit()
+    return run_printed(cfg, build_trainer, resume, log)

@@ -31,7 +31,6 @@ folder (``pks4 text-retrieval``).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -44,11 +43,11 @@ from pks4.data.datasets import DataConfig
 from pks4.data.items import Batch
 from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import (ConfigError, ModelConfig, OptimConfig, TrainConfig, build_section, config_to_dict,
-                                format_config, load_section)
+                                load_section)
 from pks4.engine.loader import ShardPlan
-from pks4.engine.loop import Loop, LoopSettings, RunResult, Task
+from pks4.engine.loop import Loop, LoopSettings, RunResult, Task, run_printed
 from pks4.engine.pretrain import TeacherConfig, build_teacher
-from pks4.engine.runtime import DistInfo, TrainingError, process_group, start_process
+from pks4.engine.runtime import DistInfo, TrainingError, start_process
 from pks4.engine.text_retrieval import encode_texts, encode_videos, note_long_captions, rank
 from pks4.models.text import TextConfig, TextEncoder, TokenBatch, WordPieceTokenizer
 from pks4.models.video_text import VideoTextConfig, VideoTextModel, can_run_visible
@@ -378,10 +377,7 @@ def build_video_text_trainer(cfg: VideoTextRunConfig, resume: str | None = None,
 
 def pretrain_video_text(cfg: VideoTextRunConfig, resume: str | None = None, log: Log = print) -> RunResult:
     """Print the resolved config and run the video-text training; the process group is torn down afterwards."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        log(format_config(cfg).rstrip())
-    with process_group():
-        return build_video_text_trainer(cfg, resume=resume, log=log).fit()
+    return run_printed(cfg, build_video_text_trainer, resume, log)
 
 
 # ---- reading a checkpoint ---------------------------------------------------------------------------------------
