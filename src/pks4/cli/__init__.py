@@ -11,6 +11,7 @@ with typed arguments.
     pks4 eval --checkpoint CKPT_OR_RUNDIR --grid frames=8,16,32,64 size=96,128,224 [--out DIR]
     pks4 predict VIDEO... --checkpoint CKPT_RUNDIR_OR_FOLDER [--topk 5] [--json] [--frames T] [--size S]
     pks4 predict LONG.mp4 --checkpoint ... --window 8 --stride 4 [--fps F] [--json | --csv] [--out DIR]
+    pks4 stream FILE_OR_CAMERA --checkpoint CAUSAL_RUN [--frame-step N] [--every N] [--topk 5] [--json]
     pks4 export-pretrained RUN_OR_CKPT OUT_DIR     (config.json + model.safetensors + README.md)
     pks4 serve RUN_OR_FOLDER [--port 8000] [--examples DIR]     (needs pks4[web])
     pks4 retrieval | linear-probe | embed --checkpoint CKPT_OR_RUNDIR [--frames T] [--size S] ...
@@ -24,7 +25,7 @@ line ``pks4: error: <file or key>: <problem>`` and exit code 2 (:mod:`pks4.error
 line (or PKS4_DEBUG=1) shows the traceback instead.
 
 Modules: :mod:`.training` (train, pretrain, recipes), :mod:`.evaluation` (eval, predict and the StretchySnake
-protocols), :mod:`.deploy` (export-pretrained, serve), :mod:`.tools` (data, models, profile, demo). Each
+protocols), :mod:`.deploy` (export-pretrained, serve, stream), :mod:`.tools` (data, models, profile, demo). Each
 registers its sub-commands with ``add_parsers``.
 """
 from __future__ import annotations
