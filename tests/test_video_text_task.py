@@ -284,3 +284,22 @@ def test_bad_input_to_video_text_training_is_one_line_naming_the_file(data, tmp_
         assert main(["pretrain", "--task", "video-text", *[x for s in sets for x in ("--set", s)]]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_activation_checkpointing_reaches_the_masked_visual_path(data, tmp_path):
+    from pks4.data.items import collate
+
+    loops = [_trainer(data, tmp_path / name, **{"data.val": "", "train.grad_checkpointing": flag})[0]
+             for name, flag in (("a", "false"), ("b", "true"))]
+    assert [loop.task.model.visual.grad_checkpointing for loop in loops] == [False, True]
+    grads = []
+    for loop in loops:
+        task = loop.task
+        task.start_epoch(0)  # the masked phase: the visible tokens through re-run blocks
+        torch.manual_seed(0)  # the same crops, masks, negatives and masked words in both
+        inputs = task.inputs(collate([task.train_set[i] for i in range(6)]))
+        sum(task.loss(inputs).values()).backward()
+        grads.append({n: p.grad for n, p in task.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("visual.layers.") for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6)

@@ -336,11 +336,16 @@ def _visual_encoder(cfg: VideoTextRunConfig) -> nn.Module:
     """The registry's ``model.name`` at the data's clip shape (its ``pretrained`` weights read first)."""
     from pks4.weights import create_model
 
+    if cfg.train.freeze_backbone:
+        raise ConfigError("train.freeze_backbone keeps a classifier's backbone fixed; the video-text task trains its "
+                          "visual encoder (set it false)")
     overrides = {"num_frames": cfg.data.num_frames, "image_size": cfg.data.size, **cfg.model.overrides}
     try:
-        return create_model(cfg.model.name, **overrides)
+        visual = create_model(cfg.model.name, **overrides)
     except (KeyError, ValueError) as exc:
         raise TrainingError(f"model '{cfg.model.name}': {exc}") from None
+    visual.set_grad_checkpointing(cfg.train.grad_checkpointing)  # the masked path runs the same blocks
+    return visual
 
 
 def build_video_text_model(cfg: VideoTextRunConfig, log: Log = print
