@@ -83,6 +83,13 @@ def table(out: Path, md: Path, argv: list[str]) -> None:
         cells = [_stats([r[k] for r in rs]) for k in KEYS[:10]]
         lines.append(f"| {name} ({rs[0]['model']}) | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells)
                      + f" | {_stats(ratios) if ratios else '-'} | {_stats([r['train_cpu_s'] for r in rs])} |")
+    lines += ["", "Per seed:", "", "| encoder | seed | t2v R@1 | R@5 | R@10 | MdR | reversed pair (%) | "
+              "t2v R@1 / frame average | train CPU s | train wall s | load at end |", "|" + "---|" * 11]
+    for r in sorted(rows, key=lambda r: (r["encoder"], r["seed"])):
+        ratio = f"{r['t2v_r1'] / base[r['seed']]:.2f}" if base.get(r["seed"]) else "-"
+        lines.append(f"| {r['encoder']} | {r['seed']} | {r['t2v_r1']:.1f} | {r['t2v_r5']:.1f} | {r['t2v_r10']:.1f} | "
+                     f"{r['t2v_mdr']:g} | {r['reversed_pair']:.1f} | {ratio} | {r['train_cpu_s']:.0f} | "
+                     f"{r['train_wall_s']:.0f} | {r['load']:.1f} |")
     head = (f"Command: `.venv/bin/python benchmarks/video_text_synth.py {' '.join(argv)}`; machine "
             f"{platform.machine()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, torch threads "
             f"{rows[0]['threads'] if rows else '?'}. Chance t2v R@1 0.83%; frame average's best R@1 "
