@@ -130,6 +130,10 @@ def test_every_packaged_recipe_loads_by_name(tmp_path):
         assert description, f"{name}.yaml has no first comment line to describe it"
         if command == "train":
             assert load_config(recipe_path(name)).model.name
+        elif command == "pretrain" and "task: video-text" in recipe_path(name).read_text():
+            from pks4.engine.video_text_task import load_video_text_config
+
+            assert load_video_text_config(recipe_path(name)).train_files()
         elif command == "pretrain":
             assert load_pretrain_config(recipe_path(f"{name}.yaml")).teacher
 

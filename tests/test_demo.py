@@ -28,3 +28,21 @@ def test_demo_writes_its_report(tmp_path, monkeypatch, capsys):
     assert main(["eval", "--checkpoint", str(out / "pks4"), "--views", report["views"], "--json"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["top1"] == report["pks4"]["top1"]
+
+
+def test_video_text_demo_reports_retrieval_and_the_reversed_pair_test(tmp_path, capsys):
+    out = tmp_path / "vt"
+    code = main(["demo", "--task", "video-text", "--out", str(out), "--set", "events.num_train=12",
+                 "--set", "events.num_frames=8", "--set", "events.size=32", "--set", "run.train.epochs=1",
+                 "--set", "run.train.batch_size=6", "--set", "run.unmasked_epochs=1", "--set", "run.data.num_frames=4",
+                 "--set", "temporal_model.overrides={embed_dim: 16, depth: 2, patch_size: 8}"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("temporal", "baseline"):
+        r = report[key]
+        assert r["train_steps"] == 6  # 12 clips x 3 captions / batch 6
+        assert 0.0 <= r["t2v_r1"] <= r["t2v_r5"] <= r["t2v_r10"] <= 100.0 and r["videos"] == 120
+        assert 0.0 <= r["reversed_pair"] <= 100.0 and r["train_cpu_s"] > 0
+    assert report["temporal"]["model"] == "videomamba_li_micro" and report["baseline"]["model"] == "vit_tiny_avgpool"
+    printed = capsys.readouterr().out
+    assert "| temporal | videomamba_li_micro |" in printed and (out / "report.md").read_text() in printed

@@ -135,37 +135,31 @@ def test_a_non_finite_step_is_dropped_on_the_device_and_named_at_the_next_check(
 
 class Distill(Task):
     """A third task through the same loop: a student VideoMamba with cross-entropy plus Li et al.'s
-    self-distillation term, a frozen teacher and a trained projector (RMSNorm + Linear)."""
+    self-distillation term (pks4.engine.distill: a frozen teacher, a trained projector)."""
 
     def __init__(self, data: Dataset) -> None:
+        from pks4.engine.config import DistillConfig
+        from pks4.engine.distill import SelfDistillation
         from pks4.models.registry import create_model
-        from pks4.models.videomamba_pretrain import DistillProjector
 
         super().__init__()
         micro = dict(embed_dim=32, depth=2, image_size=S, patch_size=4, num_frames=T, num_classes=K)
         self.model, self.train_set = create_model("videomamba_li_micro", **micro), data
-        self.teacher = create_model("videomamba_li_micro", **micro).requires_grad_(False)
-        self.projector = DistillProjector(32, 32)
+        teacher = create_model("videomamba_li_micro", **micro).requires_grad_(False)
+        self.distill = SelfDistillation(teacher, 32, DistillConfig(teacher="in memory", weight=0.5))
 
     def trainable(self) -> nn.Module:
-        return nn.ModuleList([self.model, self.projector])
+        from pks4.engine.distill import WithProjector
 
-    def train(self, mode: bool = True) -> "Distill":
-        super().train(mode)
-        self.teacher.eval()
-        return self
+        return WithProjector(self.model, self.distill.projector)
 
     def inputs(self, batch):
         return {"video": batch.video, "label": batch.label}
 
     def loss(self, inputs, geometry=None):
-        from pks4.models.videomamba_pretrain import cosine_alignment_loss
-
         tokens = self.model.forward_tokens(inputs["video"])
-        with torch.no_grad():
-            target = self.teacher.forward_tokens(inputs["video"])
         return {"ce": F.cross_entropy(self.model.forward_head(tokens[:, 0]), inputs["label"]),
-                "distill": 0.5 * cosine_alignment_loss(self.projector(tokens), target)}
+                "distill": self.distill(tokens, inputs["video"])}
 
     def metadata(self):
         return {"model_name": self.model.model_name}
@@ -173,16 +167,17 @@ class Distill(Task):
 
 def test_a_task_with_two_losses_and_a_frozen_teacher_plugs_in(tmp_path):
     task = Distill(Clips())
-    teacher = {k: v.clone() for k, v in task.teacher.state_dict().items()}
-    projector = task.projector.proj.weight.detach().clone()
+    teacher = {k: v.clone() for k, v in task.distill.teacher.state_dict().items()}
+    projector = task.distill.projector.proj.weight.detach().clone()
     loop = _loop(task, _settings(tmp_path, log_every=1))
     result = loop.fit()
     rows = _rows(loop)
     assert len(rows) == result.global_step == 4
     for row in rows:  # every term logged, their sum is the loss the step minimised
         assert row["loss"] == pytest.approx(row["ce"] + row["distill"], rel=1e-5) and row["distill"] > 0
-    assert all(torch.equal(v, task.teacher.state_dict()[k]) for k, v in teacher.items()) and not task.teacher.training
-    assert not torch.equal(projector, task.projector.proj.weight)
+    assert all(torch.equal(v, task.distill.teacher.state_dict()[k]) for k, v in teacher.items())
+    assert not task.distill.teacher.training
+    assert not torch.equal(projector, task.distill.projector.proj.weight)
     weights, _ = ckpt.read_weights(result.checkpoint / ckpt.WEIGHTS_FILE)
     assert set(weights) == set(task.model.state_dict())  # the student alone: no teacher, no projector
 

@@ -425,7 +425,11 @@ def test_recipes_load_and_name_registered_models():
 
     recipes = sorted(CONFIGS.glob("videomamba_*.yaml"))
     assert len(recipes) >= 10
+    from pks4.engine.video_text_task import load_video_text_config
+
     for path in recipes:  # fine-tuning recipes are run configs; pretraining recipes have their own sections
-        cfg = load_pretrain_config(path, []) if "pretrain" in path.name else load_config(path)
+        load = load_video_text_config if "video_text" in path.name else \
+            (lambda p: load_pretrain_config(p, [])) if "pretrain" in path.name else load_config
+        cfg = load(path)
         assert cfg.model.name in MODELS, path.name
         assert set(cfg.model.overrides) <= {f.name for f in dataclasses.fields(VideoMambaConfig)}, path.name

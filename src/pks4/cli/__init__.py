@@ -4,6 +4,7 @@ with typed arguments.
     pks4 train CONFIG.yaml|RECIPE [--set key=value ...] [--out DIR] [--resume auto|PATH]
     pks4 train --model NAME --train-list FILE --val-list FILE --data-root DIR --num-classes K --frames T ...
     pks4 pretrain CONFIG.yaml [--teacher CLIP_WEIGHTS] [--set key=value ...] [--out DIR] [--resume auto|PATH]
+    pks4 pretrain CONFIG.yaml --task video-text [--set key=value ...] [--out DIR] [--resume auto|PATH]
     pks4 recipes [NAME]
     pks4 eval --checkpoint CKPT_OR_RUNDIR [--data LIST] [--views 8x2x3] [--frame-order ORDER] [--json]
               [--frames T] [--size S] [--patch-policy native|static_tokens|P]
@@ -15,8 +16,10 @@ with typed arguments.
     pks4 export RUN_OR_CKPT OUT_FILE --format onnx|torchscript|exported-program [--batch dynamic|N]
     pks4 serve RUN_OR_FOLDER [--port 8000] [--examples DIR]     (needs pks4[web])
     pks4 retrieval | linear-probe | embed --checkpoint CKPT_OR_RUNDIR [--frames T] [--size S] ...
+    pks4 text-retrieval --checkpoint VIDEO_TEXT_RUN [--captions FILE --format FORMAT] [--rerank K] [--json]
     pks4 data check LIST_OR_DIR | pks4 data synth OUT_DIR [--seed N] [--train-per-class N] [--val-per-class N]
-    pks4 models | pks4 profile MODEL | pks4 demo [--out DIR]
+    pks4 data captions SYNTH_DIR [--no-vocab]
+    pks4 models | pks4 profile MODEL | pks4 demo [--out DIR] [--task video-text]
 
 Bad input (missing files, unreadable videos, unknown config keys, checkpoints that do not fit, an option out of
 its range) ends with one line ``pks4: error: <file, key or option>: <problem>`` and exit code 2

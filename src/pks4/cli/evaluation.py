@@ -1,6 +1,11 @@
-"""``pks4 eval`` (also over the frames x size grid), ``pks4 predict`` (also as a timeline of a long video) and
+"""``pks4 eval`` (also over the frames x size grid), ``pks4 predict`` (also as a timeline of a long video),
 the StretchySnake protocols (``retrieval``, ``linear-probe``, ``embed``): a checkpoint scored through the one
-inference path."""
+inference path; and ``pks4 text-retrieval`` for video-text checkpoints.
+
+``text-retrieval`` is its own command rather than a flag of ``retrieval``: the two take different checkpoints (a
+video-text model, a classifier), different data (a caption file in one of the published layouts, two lists of
+labelled videos) and report different things (both directions with median rank and optional re-ranking, top-k
+by class), so no option of one would mean anything to the other."""
 from __future__ import annotations
 
 import argparse
@@ -229,6 +234,45 @@ def _embed_cmd(args: argparse.Namespace) -> int:
     return _done(args, loaded, report, "\n".join(f"{k}: {v}" for k, v in report.items()))
 
 
+def _text_retrieval_cmd(args: argparse.Namespace) -> int:
+    import sys
+
+    from pks4.engine.video_text_task import retrieval_from_checkpoint
+
+    if args.format and not args.captions:
+        raise checks.UsageError("text-retrieval --format names the layout of --captions FILE; give the file too")
+    report = retrieval_from_checkpoint(args.checkpoint, args.captions, args.format, args.root, rerank_k=args.rerank,
+                                       batch_size=args.batch_size, device=args.device, num_workers=args.workers,
+                                       log=lambda msg: print(msg, file=sys.stderr))
+    lines = [f"{report['captions']} ({report['format']}): {int(report['texts'])} captions, {int(report['videos'])} "
+             "videos"]
+    for prefix, what in (("", "similarity"), ("rerank_", f"re-ranked top {report['rerank_k']}")):
+        if f"{prefix}t2v_r1" not in report:
+            continue
+        for d, name in (("t2v", "text-to-video"), ("v2t", "video-to-text")):
+            lines.append(f"  {name:13s} ({what}): R@1 {report[f'{prefix}{d}_r1']:.2f}  R@5 {report[f'{prefix}{d}_r5']:.2f}"
+                         f"  R@10 {report[f'{prefix}{d}_r10']:.2f}  MdR {report[f'{prefix}{d}_mdr']:g}")
+    return _emit(args, report, "\n".join(lines))
+
+
+def _add_text_retrieval(sub: Any) -> None:
+    p = sub.add_parser("text-retrieval", help="text-to-video and video-to-text retrieval with a video-text checkpoint "
+                       "(R@1/5/10, median rank; zero-shot or after fine-tuning)")
+    p.add_argument("--checkpoint", required=True, help="a `pks4 pretrain --task video-text` run dir or checkpoint")
+    p.add_argument("--captions", help="caption file (default: the run's captions.val); file#part for a part of a "
+                   "file holding several, e.g. MSRVTT_data.json#test")
+    p.add_argument("--format", help="its layout: captions | msrvtt | didemo | activitynet | lsmdc | msvd | webvid | "
+                   "cc3m (default: captions)")
+    p.add_argument("--root", help="folder of the videos (default: the caption file's folder)")
+    p.add_argument("--rerank", type=checks.integer(0), help="re-score each query's top K with the matching head (UMT: 128; "
+                   "default: the run's retrieval.rerank_k; 0 = off)")
+    p.add_argument("--batch-size", type=checks.integer(1),
+                   help="clips per batch (default: the run's retrieval.batch_size)")
+    _add_device(p, workers=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_text_retrieval_cmd)
+
+
 # ---- parsers ------------------------------------------------------------------------------------------------------
 _POLICY_HELP = "native (stored patch size) | static_tokens (patch scaled to keep the token grid) | N"
 
@@ -339,7 +383,8 @@ def _add_protocols(sub: Any) -> None:
 
 
 def add_parsers(sub: Any) -> None:
-    """``eval``, ``predict``, ``retrieval``, ``linear-probe`` and ``embed``."""
+    """``eval``, ``predict``, ``retrieval``, ``linear-probe``, ``embed`` and ``text-retrieval``."""
     _add_eval(sub)
     _add_predict(sub)
     _add_protocols(sub)
+    _add_text_retrieval(sub)

@@ -1,8 +1,9 @@
-"""``pks4 data check|synth``, ``pks4 models``, ``pks4 profile`` and ``pks4 demo``."""
+"""``pks4 data check|synth|captions``, ``pks4 models``, ``pks4 profile`` and ``pks4 demo``."""
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from . import checks
@@ -34,6 +35,19 @@ def _data_synth_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_captions_cmd(args: argparse.Namespace) -> int:
+    from pks4.data.synth_captions import write_synth_captions
+
+    files = write_synth_captions(args.synth_dir)
+    print("wrote " + ", ".join(str(f) for f in files.values()))
+    if not args.no_vocab:
+        from pks4.models.text import build_vocab  # needs the text extra (transformers, tokenizers)
+
+        texts = [c for f in files.values() for e in json.loads(f.read_text()) for c in e["caption"]]
+        print(f"wrote {build_vocab(texts, Path(args.synth_dir) / 'text')}")
+    return 0
+
+
 def _models_cmd(args: argparse.Namespace) -> int:
     import torch
 
@@ -55,10 +69,18 @@ def _models_cmd(args: argparse.Namespace) -> int:
 
 
 def _demo_cmd(args: argparse.Namespace) -> int:
+    if args.task == "video-text":
+        from pks4.engine.video_text_demo import load_video_text_demo_config, run_video_text_demo
+
+        out = args.out or "runs/demo_video_text"
+        report = run_video_text_demo(load_video_text_demo_config(args.config, list(args.set or [])), out,
+                                     resume=args.resume, overwrite=args.overwrite)
+        print((Path(out) / "report.md").read_text(), end="")
+        return 0
     from pks4.engine.demo import load_demo_config, run_demo
 
-    report = run_demo(load_demo_config(args.config, list(args.set or [])), args.out, resume=args.resume,
-                      overwrite=args.overwrite)
+    report = run_demo(load_demo_config(args.config, list(args.set or [])), args.out or "runs/demo",
+                      resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(report))
     return int(report.get("exit_code", 0))
 
@@ -154,6 +176,11 @@ def _add_data(sub: Any) -> None:
     syn.add_argument("--frames", type=int, default=16, help="frames per clip (default 16)")
     syn.add_argument("--size", type=int, default=64, help="frame side in pixels (default 64)")
     syn.set_defaults(func=_data_synth_cmd)
+    cap = data.add_parser("captions", help="caption the built-in benchmark (captions_<split>.json, text/vocab.txt)")
+    cap.add_argument("synth_dir", metavar="SYNTH_DIR", help="a folder written by `pks4 data synth`")
+    cap.add_argument("--no-vocab", action="store_true", help="do not write SYNTH_DIR/text/vocab.txt (the captions' "
+                     "words, for a small text encoder)")
+    cap.set_defaults(func=_data_captions_cmd)
 
 
 def add_parsers(sub: Any) -> None:
@@ -161,9 +188,13 @@ def add_parsers(sub: Any) -> None:
     _add_data(sub)
     sub.add_parser("models", help="registered models and parameter counts").set_defaults(func=_models_cmd)
     _add_profile(sub)
-    demo = sub.add_parser("demo", help="synthetic benchmark: tiny PKS4 vs frame-average baseline on CPU")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--config", help="demo preset YAML (default: the packaged demo.yaml)")
+    demo = sub.add_parser("demo", help="synthetic benchmark: tiny PKS4 vs frame-average baseline on CPU (or, with "
+                          "--task video-text, zero-shot text-to-video retrieval)")
+    demo.add_argument("--out", help="output folder (default: runs/demo, runs/demo_video_text)")
+    demo.add_argument("--task", choices=("classify", "video-text"), default="classify",
+                      help="classify: the temporal benchmark's classes (default); video-text: captions naming an "
+                      "order of events, retrieval against the frame average")
+    demo.add_argument("--config", help="demo preset YAML (default: the packaged demo.yaml / demo_video_text.yaml)")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset key")
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     demo.add_argument("--overwrite", action="store_true", help="move an earlier demo in --out aside (nothing is "

@@ -29,7 +29,7 @@ def _command_for(text: str) -> str:
     import yaml
 
     sections = set(yaml.safe_load(text) or {})
-    return "pretrain" if {"teacher", "mask"} & sections else "demo" if "run" in sections else "train"
+    return "pretrain" if {"teacher", "mask", "task"} & sections else "demo" if "run" in sections else "train"
 
 
 def packaged_recipes() -> dict[str, tuple[str, str]]:
@@ -101,15 +101,45 @@ def _train_cmd(args: argparse.Namespace) -> int:
                 + (f"{r.best_score:.2f}" if r.best_score is not None else "n/a"))
 
 
+def _recipe_task(args: argparse.Namespace) -> str:
+    """``--task``, else the recipe's ``task:`` key (a ``--set task=...`` counts), else masked alignment."""
+    from pks4.engine.config import read_yaml
+
+    if args.task:
+        return args.task
+    given = [s.split("=", 1)[1].strip() for s in (args.set or []) if s.split("=", 1)[0].strip() == "task"]
+    if given:
+        return given[-1]
+    values = read_yaml(recipe_path(args.config), "recipe") if args.config else None
+    return str(values.get("task", PRETRAIN_TASKS[0])) if isinstance(values, dict) else PRETRAIN_TASKS[0]
+
+
+def _last_loss(result: Any) -> str:
+    return "last loss " + (f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a")
+
+
 def _pretrain_cmd(args: argparse.Namespace) -> int:
+    from pks4.engine.config import ConfigError
+
+    task = _recipe_task(args)
+    if task not in PRETRAIN_TASKS:
+        raise ConfigError(f"task {task!r}: `pks4 pretrain` runs {' or '.join(PRETRAIN_TASKS)}")
+    sets = [f"teacher.path={args.teacher}"] if args.teacher else []
+    args.set = [s for s in args.set or [] if s.split("=", 1)[0].strip() != "task"]  # decided above
+    if task == "video-text":
+        from pks4.engine.video_text_task import load_video_text_config, pretrain_video_text
+
+        return _run(args, sets, load_video_text_config, pretrain_video_text, lambda r: _last_loss(r) + (
+            f", best mean recall {r.best_score:.2f}" if r.best_score is not None else ""))
     from pks4.engine.pretrain import load_pretrain_config, pretrain
 
-    sets = [f"teacher.path={args.teacher}"] if args.teacher else []
-    return _run(args, sets, load_pretrain_config, pretrain, lambda r: "last loss "
-                + (f"{r.last_loss:.4f}" if r.last_loss is not None else "n/a"))
+    return _run(args, sets, load_pretrain_config, pretrain, _last_loss)
 
 
 _RECIPE_HELP = "YAML recipe: a file, or the name of a packaged one (`pks4 recipes` lists them)"
+# What `pks4 pretrain` trains: the masked alignment of a VideoMamba to a frozen CLIP (§3.4), or the video-text
+# model (§4.4); the first is the default.
+PRETRAIN_TASKS = ("masked-alignment", "video-text")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -129,8 +159,11 @@ def add_parsers(sub: Any) -> None:
     for flag, (key, typ) in _TRAIN_FLAGS.items():
         tr.add_argument("--" + flag.replace("_", "-"), type=typ, default=None, help=f"= --set {key}=...")
     tr.set_defaults(func=_train_cmd)
-    pt = sub.add_parser("pretrain", help="masked-alignment pretraining of a VideoMamba against a frozen CLIP")
+    pt = sub.add_parser("pretrain", help="masked-alignment pretraining of a VideoMamba against a frozen CLIP, or "
+                        "video-text pretraining (--task video-text)")
     pt.add_argument("config", nargs="?", help=_RECIPE_HELP + ", e.g. videomamba_middle_pretrain_k400")
+    pt.add_argument("--task", choices=PRETRAIN_TASKS, help="what to train (default: the recipe's `task:` key, else "
+                    "masked-alignment)")
     pt.add_argument("--teacher", help="CLIP vision weights (OpenAI, open_clip or Hugging Face); without it the "
                     "teacher is randomly initialised (pipeline tests only)")
     _add_run_options(pt)

@@ -51,6 +51,8 @@ __all__ = [
     "MAX_IMPLIED_CLASSES",
     "load_video_views",
     "read_class_names",
+    "read_lines",
+    "split_selector",
     "CheckReport",
     "check_dataset",
 ]
@@ -169,6 +171,9 @@ class Parsed:
     classes: list[str] | None = None
     errors: list[str] = field(default_factory=list)
     note: str = ""  # what format: auto chose and why
+    # Regression annotations (LVU's like ratio and view count): one number per sample, carried by each Item as
+    # extra["target"]; the samples' labels are then 0 and ``classes`` names the target.
+    targets: list[float] | None = None
 
 
 # ----------------------------------------------------------------------------------------------- class names
@@ -182,7 +187,7 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
         if not isinstance(data, dict):
             raise DatasetError(p, "expected a JSON object {class name: id} (the SSV2 labels.json layout)")
         return _names_from_ids(p, {_class_id(p, k, v): k for k, v in data.items()}, len(data))
-    lines = [ln.strip() for ln in _read_lines(p, "class-names file") if ln.strip()]
+    lines = [ln.strip() for ln in read_lines(p, "class-names file") if ln.strip()]
     if not lines:
         raise DatasetError(p, "class-names file is empty")
     pairs = [ln.split(maxsplit=1) for ln in lines]
@@ -220,7 +225,7 @@ def _read_flip_pairs(path: str, classes: list[str]) -> dict[int, int]:
     p = Path(path)
     index = {name: i for i, name in enumerate(classes)}
     table: dict[int, int] = {}
-    for n, ln in enumerate(_read_lines(p, "flip-pairs file (needed for flip='swap')"), 1):
+    for n, ln in enumerate(read_lines(p, "flip-pairs file (needed for flip='swap')"), 1):
         if not ln.strip() or ln.lstrip().startswith("#"):
             continue
         parts = [x.strip() for x in (ln.split(",") if "," in ln else ln.split())]
@@ -285,7 +290,7 @@ def _parse_lines(p: Path, root: Path, rawframes: bool) -> Parsed:
     out = Parsed(p, "rawframes" if rawframes else "list")
     n_fields = 3 if rawframes else 2
     layout = "'<path> <total_frames> <label>'" if rawframes else "'<path> <label>'"
-    for n, ln in enumerate(_read_lines(p), 1):
+    for n, ln in enumerate(read_lines(p), 1):
         if not ln.strip() or ln.lstrip().startswith("#"):
             continue
         parts = _split_line(ln.strip(), n_fields)
@@ -321,7 +326,20 @@ def _require_file(p: Path, what: str) -> Path:
     return p
 
 
-def _read_lines(p: Path, what: str = "annotation file") -> list[str]:
+def split_selector(path: str | os.PathLike) -> tuple[Path, str]:
+    """``file#part`` -> (file, part): how a data.train / data.val path names one part of an annotation file that
+    holds several (COIN.json#testing, MSRVTT's videodatainfo.json#test). A path that exists as given, or has no
+    ``#``, is (path, "")."""
+    text = str(path)
+    if "#" not in text or Path(text).exists():
+        return Path(text), ""
+    file, part = text.rsplit("#", 1)
+    return Path(file), part
+
+
+def read_lines(p: Path, what: str = "annotation file") -> list[str]:
+    """The lines of an annotation file; a missing file, one that is not a regular file or not UTF-8 text is a
+    DatasetError naming it (every format's parser reads through here)."""
     _require_file(p, what)
     try:
         return p.read_text(encoding="utf-8-sig").splitlines()
@@ -376,7 +394,7 @@ _K400_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 
 def parse_k400(p: Path, root: Path, cfg: DataConfig, classes: list[str] | None) -> Parsed:
     """Official Kinetics csv; videos under ``<split>/<label>/``, ``<split>/`` or the root itself."""
-    lines = _read_lines(p)
+    lines = read_lines(p)
     reader = csv.DictReader(lines)
     header = reader.fieldnames or []
     if not set(_K400_COLUMNS) <= set(header):
@@ -500,8 +518,9 @@ register_format("list", parse_list)
 
 def guess_format(p: Path, root: Path) -> tuple[str, str]:
     """What ``format: auto`` reads ``p`` as, and why (the reason shown to the user)."""
+    p = split_selector(p)[0]
     head = [] if p.is_dir() or p.suffix.lower() == ".json" else \
-        [ln for ln in _read_lines(p)[:20] if ln.strip() and not ln.lstrip().startswith("#")]
+        [ln for ln in read_lines(p)[:20] if ln.strip() and not ln.lstrip().startswith("#")]
     for fmt in _FORMATS.values():
         found = fmt.detect(p, head, root) if fmt.detect is not None else False
         if found:
@@ -517,10 +536,10 @@ def guess_format(p: Path, root: Path) -> tuple[str, str]:
 
 
 def _resolve(path: str, cfg: DataConfig) -> Path:
-    p = Path(path)
+    p, part = split_selector(path)  # a "#part" stays attached to the file it selects from
     if not p.exists() and cfg.root and not p.is_absolute() and (Path(cfg.root) / p).exists():
-        return Path(cfg.root) / p
-    return p
+        return Path(f"{Path(cfg.root) / p}#{part}") if part else Path(cfg.root) / p
+    return Path(path)
 
 
 def resolved_paths(cfg: DataConfig) -> DataConfig:
@@ -638,25 +657,29 @@ def build_dataset(cfg: DataConfig, split: str, *, train: bool, views: ViewSpec |
     if parsed.errors:
         raise DatasetError(source, f"{len(parsed.errors)} problem(s) in the {parsed.format} annotations:"
                                    + _listed(parsed.errors))
-    samples, bad = _drop_missing(parsed, cfg, source)
+    samples, targets, bad = _drop_missing(parsed, cfg, source)
     if cfg.flip == "swap" and train and not cfg.flip_pairs:
         raise DatasetError(source, "flip='swap' needs DataConfig.flip_pairs (a file of 'class_a class_b' lines)")
     flip_pairs = _read_flip_pairs(str(_resolve(cfg.flip_pairs, cfg)), names) if cfg.flip == "swap" and train else {}
-    return VideoDataset(samples, names, cfg, train=train, views=views, flip_pairs=flip_pairs, bad=bad)
+    return VideoDataset(samples, names, cfg, train=train, views=views, flip_pairs=flip_pairs, bad=bad,
+                        targets=targets)
 
 
-def _drop_missing(parsed: Parsed, cfg: DataConfig, source: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """The samples whose files exist and the missing ones as (path, "missing"); an error naming them all unless
-    ``cfg.skip_bad_videos``."""
+def _drop_missing(parsed: Parsed, cfg: DataConfig, source: Path
+                  ) -> tuple[list[Sample], list[float] | None, list[tuple[str, str]]]:
+    """The samples whose files exist (with their regression targets, if any) and the missing ones as
+    (path, "missing"); an error naming them all unless ``cfg.skip_bad_videos``."""
     missing = _missing(parsed.samples, parsed.lines)
     if not missing:
-        return parsed.samples, []
+        return parsed.samples, parsed.targets, []
     if not cfg.skip_bad_videos:
         raise DatasetError(source, f"{len(missing)} of {len(parsed.samples)} listed videos are missing "
                                    f"(root {cfg.root or source.parent}):" + _listed(missing))
     warnings.warn(f"{source}: skipping {len(missing)} missing videos", stacklevel=3)
     gone = {m.split(": ", 1)[1] for m in missing}
-    return [s for s in parsed.samples if s.path not in gone], [(p, "missing") for p in sorted(gone)]
+    keep = [i for i, s in enumerate(parsed.samples) if s.path not in gone]
+    targets = None if parsed.targets is None else [parsed.targets[i] for i in keep]
+    return [parsed.samples[i] for i in keep], targets, [(p, "missing") for p in sorted(gone)]
 
 
 # -------------------------------------------------------------------------------------------- the dataset
@@ -714,12 +737,15 @@ class VideoDataset(Dataset):
     ``skip_bad_videos`` any exception while reading or transforming counts as unreadable (one odd file must not
     end a run mid-epoch), is recorded in ``bad`` (in the process that read it) and warned about; without it only
     a :class:`DataError` does, and anything else (a bug) keeps its traceback.
+
+    ``targets`` (regression, :attr:`Parsed.targets`): sample i's number travels as ``Item.extra["target"]``.
     """
 
     def __init__(self, samples: list[Sample], classes: list[str], cfg: DataConfig, *, train: bool,
                  views: ViewSpec | None = None, flip_pairs: dict[int, int] | None = None,
-                 bad: list[tuple[str, str]] | None = None) -> None:
+                 bad: list[tuple[str, str]] | None = None, targets: list[float] | None = None) -> None:
         self.samples = samples
+        self.targets = targets
         self.classes = classes
         self.cfg = cfg
         self.train = train
@@ -748,14 +774,15 @@ class VideoDataset(Dataset):
                 self.bad.append((skipped.path, skipped.reason))
                 warnings.warn(f"skipping unreadable video: {skipped}", stacklevel=2)
             return skipped
-        return Item(video, label, i, notes=notes)
+        return Item(video, label, i, notes=notes,
+                    extra={"target": self.targets[i]} if self.targets is not None else {})
 
     def with_shape(self, frames: int, size: int) -> "VideoDataset":
         """The same samples loaded as ``frames`` x ``size`` clips, with the same field of view
         (:func:`pks4.data.flex_sampler.data_config_at`): what flexible training and any-size evaluation read."""
         views = replace(self.views, frames=frames) if self.views is not None else None
         return VideoDataset(self.samples, self.classes, data_config_at(self.cfg, frames, size), train=self.train,
-                            views=views, flip_pairs=self._train_tf.flip_pairs, bad=self.bad)
+                            views=views, flip_pairs=self._train_tf.flip_pairs, bad=self.bad, targets=self.targets)
 
     def _read(self, sample: Sample, choose: Callable[[int], list[int]]) -> torch.Tensor:
         if not self.cfg.cache_decoded or sample.num_frames is not None:

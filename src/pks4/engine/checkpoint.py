@@ -43,7 +43,7 @@ __all__ = [
     "prune_checkpoints",
     "save_best", "unwrap", "rng_state", "set_rng_state", "load_weights_into", "load_model_from_checkpoint",
     "describe_partial_load", "read_any_weights", "sweep_leftovers", "plain_state_dict", "atomic_output",
-    "write_failure",
+    "write_failure", "model_metadata",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -416,6 +416,17 @@ def read_any_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         raise CheckpointError(str(exc)) from None
 
 
+def model_metadata(model: nn.Module, classes: list[str], config: dict[str, Any]) -> dict[str, Any]:
+    """What a registry model's checkpoint says about it: registry name and model config (its ``pretrained`` file
+    blanked: the weights are in the checkpoint), class names and the run config (plain values)."""
+    from dataclasses import asdict
+
+    model_cfg = asdict(model.config)
+    if "pretrained" in model_cfg:
+        model_cfg["pretrained"] = ""
+    return {"model_name": model.model_name, "model_config": model_cfg, "classes": list(classes), "config": config}
+
+
 def load_model_from_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
                                ) -> tuple[nn.Module, Any, list[str]]:
     """Rebuild the model saved at ``path`` (weights file, checkpoint dir, or run dir -> best checkpoint).
@@ -427,6 +438,13 @@ def load_model_from_checkpoint(path: str | Path, map_location: str | torch.devic
 
     weights = resolve_checkpoint(path)
     tensors, meta = read_weights(weights)
+    if meta.get("task") == "video-text":
+        raise CheckpointError(f"{weights}: a video-text checkpoint (no classes to score); rank videos by captions "
+                              "with `pks4 text-retrieval --checkpoint ...`")
+    if meta.get("task") == "regression":
+        raise CheckpointError(f"{weights}: a regression checkpoint (one number per clip, not classes); its "
+                              "validation MSE is in the run's metrics.jsonl, and pks4.engine.regression.regression_"
+                              "outputs scores clips with it")
     for key in ("model_name", "model_config", "config"):
         if key not in meta:
             raise CheckpointError(f"{weights}: metadata lacks '{key}': not written by pks4 train")

@@ -30,7 +30,7 @@ from pks4.data.sampling import parse_views
 from pks4.errors import UserError, describe_os_error, require_regular_file
 
 __all__ = [
-    "ConfigError", "ModelConfig", "OptimConfig", "TrainConfig", "EvalConfig", "RunConfig", "DataConfig", "FlexConfig",
+    "ConfigError", "ModelConfig", "OptimConfig", "DistillConfig", "TrainConfig", "EvalConfig", "RunConfig", "DataConfig", "FlexConfig",
     "load_config", "apply_overrides", "config_to_dict", "config_from_dict", "format_config", "build_section",
     "read_yaml", "parse_yaml", "MAX_YAML_NODES", "FIELD_RULES", "check_fields",
 ]
@@ -86,6 +86,25 @@ class OptimConfig:
 
 
 @dataclass
+class DistillConfig:
+    """``train.distill``: self-distillation from a frozen smaller VideoMamba (off while ``teacher`` is empty)."""
+
+    teacher: str = ""  # run directory or checkpoint of a trained VideoMamba (pks4 train)
+    weight: float = 1.0  # of the alignment term beside the cross-entropy (Li et al.: 1)
+    stop_epoch: Optional[int] = None  # drop the term from this epoch on (1-based: 5 = epochs 1-4 distil); None = never
+
+    def __post_init__(self) -> None:
+        if self.weight <= 0:
+            raise ValueError(f"train.distill.weight={self.weight}; expected a number > 0")
+        if self.stop_epoch is not None and self.stop_epoch < 1:
+            raise ValueError(f"train.distill.stop_epoch={self.stop_epoch}; expected an epoch >= 1 (or null)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher)
+
+
+@dataclass
 class TrainConfig:
     """The training loop: length, batch, precision, regularisation, logging and saving."""
 
@@ -124,6 +143,11 @@ class TrainConfig:
     # and the saved weights use the average; None = off. ema_warmup shortens the window early in a run.
     ema_decay: Optional[float] = None
     ema_warmup: bool = True
+    # ce: classification (cross-entropy, accuracy); mse: regression of one number per clip (LVU's like_ratio and
+    # view_count: a one-output head, mean-squared error; pks4.engine.regression)
+    loss: Literal["ce", "mse"] = "ce"
+    # Self-distillation from a frozen smaller VideoMamba (Li et al. §3.3; pks4.engine.distill): off by default.
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         # Caught here, a zero batch or a negative epoch count is one clear line instead of a crash mid-run.

@@ -45,7 +45,12 @@ at start-up; the LR schedule spans the sum of the planned steps (warm-up: warm-u
 * ``trainable()``: the module the optimizer sees (its ``layer_id`` drives layer-wise LR decay);
 * ``evaluate(model, loop)``: metrics (``score_key`` among them marks the best checkpoint) or None;
 * ``metadata()``, ``extra_state()`` / ``load_extra_state(state, source)``: what checkpoints carry besides the
-  weights (model name and config, classes, run config; a pretraining decoder ...).
+  weights (model name and config, classes, run config; a pretraining decoder ...);
+* optional: ``start_epoch(epoch)``, called before the first batch of every epoch (also a resumed one): a task
+  whose objective follows a schedule over epochs (video-text's masked then unmasked phase, distillation that
+  stops early) switches there; ``batch_plan(dist_info, batch_size, seed)``: the task's own plan of the epochs'
+  batches (e.g. never mixing images and videos in a batch), None for the loop's; ``unused_parameters``: True
+  when some steps leave trainable parameters without a gradient (DDP then looks for them each step).
 """
 from __future__ import annotations
 
@@ -69,12 +74,12 @@ from pks4.engine.config import OptimConfig, TrainConfig, format_config
 from pks4.engine.ema import WeightEMA
 from pks4.engine.loader import BatchStream, FlexPlan, LoaderOptions, SeededItems, ShardPlan
 from pks4.engine.optim import LRSchedule, build_optimizer, scaled_lr
-from pks4.engine.rundir import atomic_write_text, check_destination, checkpoint_bytes
+from pks4.engine.rundir import atomic_write_text, check_destination, checkpoint_bytes, guarded_run_dir
 from pks4.engine.runlog import MetricsLog, plot_curves
-from pks4.engine.runtime import DistInfo, StopFlag, TrainingError, agree, amp_dtype_for
+from pks4.engine.runtime import DistInfo, StopFlag, TrainingError, agree, amp_dtype_for, process_group
 from pks4.layers.geometry import TokenGeometry
 
-__all__ = ["Task", "LoopSettings", "RunResult", "Loop"]
+__all__ = ["Task", "LoopSettings", "RunResult", "Loop", "run_printed"]
 
 Log = Callable[[str], None]
 
@@ -86,6 +91,7 @@ class Task(nn.Module):
     train_set: Dataset
     score_key: str | None = None  # the metric of evaluate() whose best value marks the best checkpoint
     init_report: str | None = None  # what the model was initialised from, for the run's result
+    unused_parameters: bool = False  # some steps leave trainable parameters without a gradient (a phase, a term)
 
     def inputs(self, batch: Batch) -> dict[str, Any]:
         return {"video": batch.video}
@@ -111,6 +117,14 @@ class Task(nn.Module):
 
     def load_extra_state(self, state: dict[str, Any], source: Path) -> None:
         pass
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before the first batch of epoch ``epoch`` (0-based), also when a run resumes inside it."""
+
+    def batch_plan(self, dist_info: DistInfo, batch_size: int, seed: int) -> Any:
+        """The plan of every epoch's batches (``length(epoch)``, ``batches(epoch)``, ``wrap(dataset)``, as
+        :class:`~pks4.engine.loader.ShardPlan`); None: the loop's plan."""
+        return None
 
     def describe(self) -> str:
         """How the run's first log line names what is trained."""
@@ -202,7 +216,8 @@ class Loop:
         self.objective: nn.Module = task
         if dist_info.distributed:
             ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
-            self.objective = nn.parallel.DistributedDataParallel(task, device_ids=ids)
+            self.objective = nn.parallel.DistributedDataParallel(task, device_ids=ids,
+                                                                 find_unused_parameters=task.unused_parameters)
         self.plan = self._make_plan()
         self.planned_micro = [self.plan.length(e) for e in range(t.epochs)]
         self.micro_per_epoch = self.planned_micro[0] if self.planned_micro else self.plan.length(0)
@@ -223,6 +238,9 @@ class Loop:
     # ---- set-up -------------------------------------------------------------------------------------------
     def _make_plan(self) -> ShardPlan | FlexPlan:
         t, n = self.s.train, len(self.task.train_set)
+        own = self.task.batch_plan(self.dist, t.batch_size, t.seed)
+        if own is not None:
+            return own
         if self.s.flex is not None:
             return FlexPlan(FlexBatchSampler(n, t.batch_size, self.s.flex, seed=t.seed, rank=self.dist.rank,
                                              world_size=self.dist.world_size))
@@ -407,6 +425,7 @@ class Loop:
         bar = tqdm(total=math.ceil(self.micro_per_epoch / t.accum_steps), initial=self.batch_in_epoch // t.accum_steps,
                    unit="step", leave=False, desc=f"epoch {epoch + 1}/{t.epochs}",
                    disable=not (t.progress and self.dist.is_main))
+        self.task.start_epoch(epoch)
         self.task.train()
         tic, clips, micro = time.perf_counter(), 0, []
         try:
@@ -583,3 +602,17 @@ class Loop:
                      f"{self.run_dir / 'skipped_videos.txt'}):\n  {shown}{more}")
         self.task.finished(self, checkpoint)
 
+
+
+def run_printed(cfg: Any, build: Callable[..., Loop], resume: str | None = None, log: Log = print,
+                overwrite: bool = False) -> RunResult:
+    """What every training command does: print the resolved config (on the main rank), then build the loop with
+    ``build(cfg, resume=resume, log=log)`` and run it in ``cfg.out``, locked and never over an earlier run
+    (:func:`pks4.engine.rundir.guarded_run_dir`; ``overwrite`` moves one aside); the process group is torn down
+    afterwards."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        log(format_config(cfg).rstrip())
+    with guarded_run_dir(cfg.out, resume=resume, overwrite=overwrite, log=log), process_group():
+        return build(cfg, resume=resume, log=log).fit()

@@ -28,7 +28,6 @@ the residual stream entering its last block), so they are frozen here and start 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -40,10 +39,9 @@ from torch.utils.data import Dataset
 from pks4.data.datasets import DataConfig, resolved_paths
 from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import (ModelConfig, OptimConfig, RunConfig, TrainConfig,
-                                config_to_dict, format_config, load_section)
-from pks4.engine.loop import Loop, LoopSettings, RunResult, Task
-from pks4.engine.rundir import guarded_run_dir
-from pks4.engine.runtime import TrainingError, process_group, start_process
+                                config_to_dict, load_section)
+from pks4.engine.loop import Loop, LoopSettings, RunResult, Task, run_printed
+from pks4.engine.runtime import TrainingError, start_process
 from pks4.engine.train import build_model
 from pks4.models.clip_vit import CLIP_VIT_B16, CLIP_VIT_L14, CLIP_VIT_TINY, CLIPVisionTransformer
 from pks4.models.videomamba import FLIP_SCANS, VideoMamba
@@ -83,6 +81,7 @@ class PretrainConfig:
     """Everything one ``pks4 pretrain`` run needs; ``train`` fields about labels (label smoothing, mixup,
     evaluation) are not used."""
 
+    task: Literal["masked-alignment"] = "masked-alignment"  # what `pks4 pretrain` trains (the other: video-text)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="videomamba_middle"))
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -223,10 +222,6 @@ def build_pretrainer(cfg: PretrainConfig, resume: str | None = None, log: Log = 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None, log: Log = print, overwrite: bool = False
              ) -> RunResult:
-    """Print the resolved config and run the pretraining in ``cfg.out``, locked and never over an earlier run
-    (``overwrite`` moves one aside); the process group is torn down afterwards."""
-    cfg = replace(cfg, data=resolved_paths(cfg.data))
-    if int(os.environ.get("RANK", "0")) == 0:
-        log(format_config(cfg).rstrip())
-    with guarded_run_dir(cfg.out, resume=resume, overwrite=overwrite, log=log), process_group():
-        return build_pretrainer(cfg, resume=resume, log=log).fit()
+    """Print the resolved config and run the pretraining (:func:`pks4.engine.loop.run_printed`: locked, never
+    over an earlier run); data paths are stored absolute."""
+    return run_printed(replace(cfg, data=resolved_paths(cfg.data)), build_pretrainer, resume, log, overwrite)

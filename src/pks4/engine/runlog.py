@@ -36,8 +36,11 @@ class MetricsLog:
             self.tb.close()
 
 
+_VAL_CURVES = ("top1", "top5", "mean_class", "t2v_r1", "t2v_r5", "v2t_r1", "r_mean", "mse")
+
+
 def plot_curves(metrics_path: str | Path, png_path: str | Path) -> None:
-    """Training loss and LR per step, validation accuracy per epoch (when evaluated), from ``metrics.jsonl``."""
+    """Training loss and LR per step, validation metrics per epoch (when evaluated), from ``metrics.jsonl``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -50,11 +53,12 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> None:
     axes[0].set(title="training loss", xlabel="step")
     axes[1].plot([r["step"] for r in train_rows], [r["lr"] for r in train_rows])
     axes[1].set(title="learning rate", xlabel="step")
-    for key in ("top1", "top5", "mean_class"):
-        if any(key in r for r in val_rows):
-            axes[2].plot([r["epoch"] for r in val_rows], [r[key] for r in val_rows], marker="o", label=key)
-    axes[2].set(title="validation accuracy (%)", xlabel="epoch")
-    if val_rows:
+    shown = [k for k in _VAL_CURVES if any(k in r for r in val_rows)]
+    for key in shown:  # accuracy (classification), recall (video-text retrieval), error (regression)
+        rows = [r for r in val_rows if key in r]
+        axes[2].plot([r["epoch"] for r in rows], [r[key] for r in rows], marker="o", label=key)
+    axes[2].set(title="validation", xlabel="epoch")
+    if shown:
         axes[2].legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=90)

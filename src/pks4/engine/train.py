@@ -11,10 +11,13 @@ of that but the model, the loss and the evaluation is the loop's; this module su
   with ``flex.mode`` the batch's sampled shape reaches the model as its token geometry;
 * the evaluation: the validation set through the one inference path (:func:`pks4.engine.infer.evaluate`):
   top-1, top-5, mean-class accuracy, and ``confusion_matrix.{csv,png}`` of the latest evaluation.
+
+Two variants of the same task: ``train.distill.teacher`` adds Li et al.'s self-distillation term
+(:mod:`pks4.engine.distill`), and ``train.loss: mse`` regresses one number per clip (LVU's like ratio and view
+count, :class:`pks4.engine.regression.RegressTask`).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -28,11 +31,12 @@ from pks4.data.datasets import resolved_paths
 from pks4.data.flex_sampler import FlexConfig, resolve_flex_config
 from pks4.data.items import Batch
 from pks4.engine import checkpoint as ckpt
-from pks4.engine.config import RunConfig, config_to_dict, format_config
+from pks4.engine.config import RunConfig, config_to_dict
 from pks4.engine.infer import compute_metrics, confusion_matrix, evaluate, save_confusion_matrix
-from pks4.engine.loop import Loop, LoopSettings, RunResult, Task
-from pks4.engine.rundir import guarded_run_dir
-from pks4.engine.runtime import TrainingError, process_group, start_process
+from pks4.engine.distill import SelfDistillation, WithProjector, load_distill_teacher
+from pks4.engine.loop import Loop, LoopSettings, RunResult, Task, run_printed
+from pks4.engine.regression import RegressTask, TargetScale, attach_regression_head
+from pks4.engine.runtime import TrainingError, start_process
 from pks4.layers.geometry import TokenGeometry
 
 __all__ = ["build_model", "build_datasets", "resolve_classes", "soft_targets", "soft_cross_entropy", "ClassifyTask",
@@ -106,13 +110,26 @@ class ClassifyTask(Task):
     score_key = "top1"
 
     def __init__(self, cfg: RunConfig, model: nn.Module, train_set: Dataset, val_set: Dataset | None,
-                 classes: list[str], log: Log) -> None:
+                 classes: list[str], log: Log, distill: SelfDistillation | None = None) -> None:
         super().__init__()
         self.cfg, self.model, self.train_set, self.val_set = cfg, model, train_set, val_set
-        self.classes, self.log = classes, log
+        self.classes, self.log, self.distill = classes, log, distill
+        stop = cfg.train.distill.stop_epoch
+        self.unused_parameters = distill is not None and stop is not None and stop <= cfg.train.epochs
 
     def describe(self) -> str:
-        return f"model {self.cfg.model.name}"
+        if self.distill is None:
+            return f"model {self.cfg.model.name}"
+        d = self.cfg.train.distill
+        until = f" until epoch {d.stop_epoch - 1}" if d.stop_epoch is not None else ""
+        return f"model {self.cfg.model.name} distilled from {d.teacher} (weight {d.weight}{until})"
+
+    def trainable(self) -> nn.Module:
+        return self.model if self.distill is None else WithProjector(self.model, self.distill.projector)
+
+    def start_epoch(self, epoch: int) -> None:
+        if self.distill is not None and self.distill.set_epoch(epoch):
+            self.log(f"epoch {epoch + 1}: self-distillation stopped (train.distill.stop_epoch)")
 
     def inputs(self, batch: Batch) -> dict[str, Any]:
         t, k = self.cfg.train, len(self.classes)
@@ -126,8 +143,12 @@ class ClassifyTask(Task):
         return {"video": batch.video, "target": soft_targets(batch.label, k, t.label_smoothing)}
 
     def loss(self, inputs: dict[str, Tensor], geometry: TokenGeometry | None = None) -> dict[str, Tensor]:
-        logits = self.model(inputs["video"], geometry=geometry)
-        return {"ce": soft_cross_entropy(logits, inputs["target"])}
+        video = inputs["video"]
+        if self.distill is None or not self.distill.active:
+            return {"ce": soft_cross_entropy(self.model(video, geometry=geometry), inputs["target"])}
+        tokens = self.model.forward_tokens(video, geometry=geometry)  # the student's final tokens, CLS first
+        return {"ce": soft_cross_entropy(self.model.forward_head(tokens[:, 0]), inputs["target"]),
+                "distill": self.distill(tokens, video, geometry)}
 
     def evaluate(self, model: nn.Module, loop: Loop) -> dict[str, float] | None:
         if self.val_set is None:
@@ -144,11 +165,19 @@ class ClassifyTask(Task):
         return {"samples": len(out.labels), **metrics}
 
     def metadata(self) -> dict[str, Any]:
-        model_cfg = asdict(self.model.config)
-        if "pretrained" in model_cfg:
-            model_cfg["pretrained"] = ""  # the weights are in the checkpoint; do not re-read the CLIP file
-        return {"model_name": self.model.model_name, "model_config": model_cfg, "classes": self.classes,
-                "config": config_to_dict(self.cfg)}
+        return ckpt.model_metadata(self.model, self.classes, config_to_dict(self.cfg))
+
+    def extra_state(self) -> dict[str, Any]:
+        return {} if self.distill is None else {"distill_projector": ckpt.plain_state_dict(self.distill.projector)}
+
+    def load_extra_state(self, state: dict[str, Any], source: Path) -> None:
+        if self.distill is None:
+            return
+        if "distill_projector" not in state:
+            raise ckpt.CheckpointError(f"{source / ckpt.STATE_FILE}: no distillation projector: the run was not "
+                                       "distilled (train.distill.teacher was empty); resume it without a teacher")
+        ckpt.load_weights_into(self.distill.projector, state["distill_projector"],
+                               f"{source / ckpt.STATE_FILE} [distill_projector]")
 
 
 def _init_from(cfg: RunConfig, model: nn.Module, resume: str | None, log: Log) -> str | None:
@@ -162,6 +191,30 @@ def _init_from(cfg: RunConfig, model: nn.Module, resume: str | None, log: Log) -
     text = ckpt.describe_partial_load(report) if not report.complete else f"initialised from {source}"
     log(text)
     return text
+
+
+def _regression_targets(cfg: RunConfig, train_set: Dataset) -> list[float] | None:
+    """The training targets of a regression run (``train.loss=mse``), None for classification; a mismatch between
+    the loss and the data is named."""
+    targets = getattr(train_set, "targets", None)
+    source = cfg.data.train or cfg.data.root
+    if cfg.train.loss == "mse" and targets is None:
+        raise TrainingError(f"train.loss=mse regresses one number per clip, but {source} holds class labels; "
+                            "regression data: LVU's like_ratio / view_count csv files (data.format: lvu)")
+    if cfg.train.loss == "ce" and targets is not None:
+        raise TrainingError(f"{source} holds regression targets ({', '.join(train_set.classes)}), not classes: set "
+                            "train.loss=mse")
+    return targets
+
+
+def _distillation(cfg: RunConfig, model: nn.Module, log: Log) -> SelfDistillation | None:
+    """The distillation term of ``train.distill`` (None when off), on the student's device."""
+    d = cfg.train.distill
+    if not d.enabled:
+        return None
+    teacher = load_distill_teacher(d.teacher, model, log)
+    log(f"self-distillation from {d.teacher} ({teacher.model_name}, width {teacher.config.embed_dim})")
+    return SelfDistillation(teacher, model.config.embed_dim, d).to(next(model.parameters()).device)
 
 
 def _flex_for(cfg: RunConfig, model: nn.Module) -> FlexConfig | None:
@@ -179,22 +232,26 @@ def build_trainer(cfg: RunConfig, resume: str | None = None, log: Log = print) -
     dist_info = start_process(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
     main_log: Log = log if dist_info.is_main else (lambda msg: None)
     train_set, val_set = build_datasets(cfg, main_log)
-    classes = resolve_classes(cfg, [str(c) for c in train_set.classes])
+    targets = _regression_targets(cfg, train_set)
+    classes = resolve_classes(cfg, [str(c) for c in train_set.classes]) if targets is None else list(train_set.classes)
     model = build_model(cfg, len(classes))
+    if targets is not None:
+        if cfg.train.distill.enabled:
+            raise TrainingError("train.distill applies to classification; a regression run (train.loss=mse) "
+                                "trains without a teacher")
+        attach_regression_head(model)  # before init_from: a regression run's own head loads into it
     init_report = _init_from(cfg, model, resume, main_log)
     model.to(dist_info.device)
-    task = ClassifyTask(cfg, model, train_set, val_set, classes, main_log)
+    if targets is None:
+        task = ClassifyTask(cfg, model, train_set, val_set, classes, main_log, _distillation(cfg, model, main_log))
+    else:
+        task = RegressTask(cfg, model, train_set, val_set, classes[0], TargetScale.fit(targets), main_log)
     task.init_report = init_report
     settings = LoopSettings(cfg.train, cfg.optim, Path(cfg.out), cfg, cfg.data.skip_bad_videos, _flex_for(cfg, model))
     return Loop(task, settings, dist_info, resume=resume, log=log)
 
 
 def train(cfg: RunConfig, resume: str | None = None, log: Log = print, overwrite: bool = False) -> RunResult:
-    """Print the resolved config and run the training in ``cfg.out``, locked and never over an earlier run
-    (:func:`pks4.engine.rundir.guarded_run_dir`; ``overwrite`` moves one aside); the process group is torn down
-    afterwards. Data paths are stored absolute, so the run can be evaluated from any folder."""
-    cfg = replace(cfg, data=resolved_paths(cfg.data))
-    if int(os.environ.get("RANK", "0")) == 0:
-        log(format_config(cfg).rstrip())
-    with guarded_run_dir(cfg.out, resume=resume, overwrite=overwrite, log=log), process_group():
-        return build_trainer(cfg, resume=resume, log=log).fit()
+    """Print the resolved config and run the training (:func:`pks4.engine.loop.run_printed`: locked, never over an
+    earlier run). Data paths are stored absolute, so the run can be evaluated from any folder."""
+    return run_printed(replace(cfg, data=resolved_paths(cfg.data)), build_trainer, resume, log, overwrite)

@@ -31,7 +31,7 @@ from pks4.models.videomamba import VideoMamba, sinusoidal_pos_embed
 
 __all__ = [
     "cosine_alignment_loss", "DistillProjector", "self_distillation_loss", "attention_guided_mask",
-    "clip_teacher_targets", "AlignmentDecoder", "MaskedAlignmentStudent", "masked_alignment_loss",
+    "clip_teacher_targets", "AlignmentDecoder", "visible_stream", "MaskedAlignmentStudent", "masked_alignment_loss",
     "pretrain_step",
 ]
 
@@ -150,6 +150,19 @@ class AlignmentDecoder(nn.Module):
         return F.normalize(self.norm(self.proj(tokens + code)), dim=-1)
 
 
+def visible_stream(model: VideoMamba, clip: Tensor, keep: Tensor) -> Tensor:
+    """The VideoMamba on the tokens at canonical positions ``keep`` (B, K) only -> the residual stream entering
+    its last block (B, K, D), where §3.4 aligns the student. Running that last block on the result (as its
+    first input, residual None) finishes the forward pass of the visible tokens."""
+    tokens, (n_t, gh, gw) = model.embed(clip)
+    visible = tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    plans = model.scan_plans(n_t, gh * gw, tokens.device, visible_only=True)
+    hidden, residual = model.forward_blocks(visible, plans, 0, model.num_layers - 1)
+    if residual is None:  # a one-block model: its input is the stream entering that block
+        return hidden.float()
+    return residual + model.layers[-1].drop_path(hidden)
+
+
 class MaskedAlignmentStudent(nn.Module):
     """What masked-alignment pretraining trains and saves: the VideoMamba and its alignment decoder."""
 
@@ -161,14 +174,7 @@ class MaskedAlignmentStudent(nn.Module):
 
     def forward_visible(self, clip: Tensor, keep: Tensor) -> Tensor:
         """Visible tokens only -> the residual stream entering the last block (B, K, D)."""
-        m = self.model
-        tokens, (n_t, gh, gw) = m.embed(clip)
-        visible = tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        plans = m.scan_plans(n_t, gh * gw, tokens.device, visible_only=True)
-        hidden, residual = m.forward_blocks(visible, plans, 0, m.num_layers - 1)
-        if residual is None:  # a one-block model: its input is the stream entering that block
-            return hidden.float()
-        return residual + m.layers[-1].drop_path(hidden)
+        return visible_stream(self.model, clip, keep)
 
 
 def masked_alignment_loss(student: MaskedAlignmentStudent, teacher: CLIPVisionTransformer, clip: Tensor) -> Tensor:

@@ -3,6 +3,8 @@
 * :mod:`pks4.weights.files`: any checkpoint file or folder -> ``{name: tensor}``; strict loading;
 * :mod:`pks4.weights.clip`: CLIP vision towers (OpenAI, open_clip, Hugging Face) and what their files say;
 * :mod:`pks4.weights.videomamba`: official VideoMamba checkpoints (image, video, masked pretraining) and pks4's;
+* :mod:`pks4.weights.bert`: BERT folders for the video-text model's text encoder (needs ``pks4[text]``, so it is
+  imported on its own, not from here);
 * :mod:`pks4.weights.builder`: ``create_model(name, pretrained=...)``, the checkpoint read first.
 
 This package sits above :mod:`pks4.models` (it builds models); models never import it.
