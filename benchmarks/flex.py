@@ -46,7 +46,9 @@ from torch.utils.data import DataLoader, Dataset
 from pks4.data.synth import CLASSES, PAIRS, render_clip, sample_params
 from pks4.data.transforms import CLIP_MEAN, CLIP_STD
 from pks4.engine.protocols import GridResult, eval_grid, plot_grid
-from pks4.flex import FlexBatchSampler, FlexConfig, FlexDataset, flex_collate, flex_patch, tokens_per_clip
+from pks4.data.flex_sampler import FlexBatchSampler, FlexConfig, FlexDataset, tokens_per_clip
+from pks4.data.items import Item, collate
+from pks4.layers.geometry import TokenGeometry
 from pks4.models.registry import create_model
 
 HERE = Path(__file__).resolve().parent
@@ -76,7 +78,7 @@ class SynthClips(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> Item:
         src = self.videos[i]  # (T_src, S, S, 3)
         offset = torch.rand(self.frames) if self.train else torch.full((self.frames,), 0.5)
         idx = ((torch.arange(self.frames) + offset) * src.shape[0] / self.frames).long().clamp(max=len(src) - 1)
@@ -84,7 +86,7 @@ class SynthClips(Dataset):
         if clip.shape[-1] != self.size:
             clip = F.interpolate(clip, size=(self.size, self.size), mode="bilinear", antialias=True,
                                  align_corners=False)
-        return {"video": (clip - self.mean) / self.std, "label": int(self.labels[i]), "index": i}
+        return Item((clip - self.mean) / self.std, int(self.labels[i]), i)
 
 
 def render_split(seed: int, split: int, per_class: int, frames: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +112,7 @@ def train(model: torch.nn.Module, data: SynthClips, cfg: FlexConfig, base_batch:
     """Train until ``budget`` video tokens have been seen; batches come from FlexBatchSampler."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sampler = FlexBatchSampler(len(data), base_batch, cfg, seed=seed)
-    loader = DataLoader(FlexDataset(data), batch_sampler=sampler, collate_fn=flex_collate, num_workers=0)
+    loader = DataLoader(FlexDataset(data), batch_sampler=sampler, collate_fn=collate, num_workers=0)
     seen, steps, epoch, tic = 0, 0, 0, time.perf_counter()
     model.train()
     while seen < budget:
@@ -118,16 +120,17 @@ def train(model: torch.nn.Module, data: SynthClips, cfg: FlexConfig, base_batch:
         for batch in loader:
             for group in opt.param_groups:
                 group["lr"] = lr_at(seen / budget, lr)
-            with flex_patch(model, batch["shape"], cfg.kernel_resize):
-                loss = F.cross_entropy(model(batch["video"]), batch["label"], label_smoothing=0.1)
+            shape = batch.shape
+            geometry = TokenGeometry(patch=shape.patch, grid=shape.grid, kernel_resize=cfg.kernel_resize)
+            loss = F.cross_entropy(model(batch.video, geometry=geometry), batch.label, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            seen += len(batch["label"]) * tokens_per_clip(batch["shape"])
+            seen += len(batch) * tokens_per_clip(batch.shape)
             steps += 1
             if steps % 25 == 0:
                 log(f"  step {steps}: loss {loss.detach().item():.3f}, {seen / budget:.0%} of the budget, shape "
-                    f"{tuple(batch['shape'])}, {time.perf_counter() - tic:.0f} s")
+                    f"{tuple(batch.shape)}, {time.perf_counter() - tic:.0f} s")
             if seen >= budget:
                 break
         epoch += 1

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from pks4.data.synth import KINDS, generate_synth, render_pair_clip
 from pks4.data.transforms import CLIP_MEAN, CLIP_STD
 from pks4.models.clip_vit import CLIPVisionConfig, CLIPVisionTransformer
-from pks4.recipes import recipe_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synth_family import Job, mean_sd, run_all  # noqa: E402  (a sibling script)
@@ -178,7 +177,7 @@ def ladder_table(results: list[dict], kinds: list[str]) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/synth_family", help="the folder benchmarks/synth_family.py used")
-    p.add_argument("--recipe", default=str(recipe_path("tiny_finetune.yaml")))
+    p.add_argument("--recipe", default="tiny_finetune", help="a YAML file or a packaged recipe's name")
     p.add_argument("--kinds", type=lambda s: s.split(","), default=list(KINDS))
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     p.add_argument("--data-seed", type=int, default=0)

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from pks4.data.datasets import build_dataset, collate_skip_bad
+from pks4.data.datasets import build_dataset
+from pks4.data.items import collate
 from pks4.engine.checkpoint import load_model_from_checkpoint
 from pks4.engine.protocols import linear_probe
 
@@ -58,17 +59,20 @@ def _capture(model: torch.nn.Module, store: dict[str, Tensor]) -> list:
 
 
 @torch.no_grad()
-def stage_features(model: torch.nn.Module, dataset, batch_size: int = 16) -> tuple[dict[str, Tensor], Tensor]:
-    """{stage: (blind (M, C), aware (M, N*C))} pairs flattened into one dict, and labels (M,)."""
+def stage_features(model: torch.nn.Module, dataset, batch_size: int = 16, skip_bad: bool = False
+                   ) -> tuple[dict[str, Tensor], Tensor]:
+    """{stage: (blind (M, C), aware (M, N*C))} pairs flattened into one dict, and labels (M,); an unreadable
+    video is left out with ``skip_bad``, else it stops the script, named."""
     store: dict[str, Tensor] = {}
     hooks = _capture(model, store)
     out: dict[str, list[Tensor]] = {}
     labels = []
     try:
-        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skip_bad):
-            if batch is None:
+        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+            batch = batch if skip_bad else batch.raise_skipped()
+            if batch.video is None:  # every clip of the batch unreadable
                 continue
-            video = batch["video"]
+            video = batch.video
             views = video if video.ndim == 6 else video.unsqueeze(1)  # (B, V, T, 3, H, W)
             b, v, t = views.shape[:3]
             store.clear()
@@ -84,7 +88,7 @@ def stage_features(model: torch.nn.Module, dataset, batch_size: int = 16) -> tup
                 out.setdefault(f"{name}/blind", []).append(x.mean(1))
                 out.setdefault(f"{name}/aware", []).append(x.flatten(1))
             out.setdefault("clip/blind", []).append(clip.view(b, v, -1).mean(1))
-            labels.append(torch.as_tensor(batch["label"]).long())
+            labels.append(batch.label)
     finally:
         for h in hooks:
             h.remove()
@@ -130,8 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
     data_cfg = replace(cfg.data, val=args.val_list, root=args.val_root or "") if args.val_list else cfg.data
     splits = ("train",) if args.holdout else ("train", "val")
     for split in splits:
-        ds = _only(build_dataset(cfg.data if split == "train" else data_cfg, split, train=False), keep)
-        feats[split], y = stage_features(model, ds)
+        split_cfg = cfg.data if split == "train" else data_cfg
+        ds = _only(build_dataset(split_cfg, split, train=False), keep)
+        feats[split], y = stage_features(model, ds, skip_bad=split_cfg.skip_bad_videos)
         labels[split] = torch.tensor([keep.index(int(v)) for v in y])
     if args.holdout:  # a fixed, seeded split of the training clips
         order = torch.randperm(len(labels["train"]), generator=torch.Generator().manual_seed(0))

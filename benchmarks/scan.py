@@ -7,8 +7,10 @@ The floor is one exp per (row, channel, step, state): ``torch.exp`` over a float
 (into a preallocated output), timed in alternation with the native path so that both see the same machine load.
 fwd+bwd is one forward and one ``torch.autograd.grad`` with respect to every input; the upstream gradient is
 allocated once, outside the timed region.
-The reference and the lean loop store every step's state for autograd, so they run on a cut-down problem (fewer
-sequences in (a), a shorter L in (b)) and their time is scaled linearly to the full size; the table says so.
+The reference (which stores every step's state for autograd) and the lean loop (per-step PyTorch ops, 64-step
+segments replayed in its backward) are slow, so they run on a cut-down problem (fewer sequences in (a), a shorter
+L in (b)) and their time is scaled linearly to the full size; the table says so. The GPU paths are measured by
+benchmarks/gpu.py.
 Peak extra memory: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) above its
 resident set before the call, with glibc told to return large blocks to the system at once (mallopt), divided
 by the bytes of the inputs. Run: ``.venv/bin/python benchmarks/scan.py`` (``--quick`` for a smoke run;
@@ -131,7 +133,8 @@ def measure(backend: str, case: Case, cut: tuple[int, int] | None, repeats: int)
     batch, L = cut or (case.batch, case.L)
     scale = case.batch * case.L / (batch * L)
     fwd, fwd_bwd, in_mib = path_fns(backend, case, batch, L)
-    mem_f = peak_extra_mib(fwd) / in_mib  # doubles as the warm-up
+    fwd()  # warm-up: the first call of the scan's custom op imports torch's tracing machinery (~100 MB)
+    mem_f = peak_extra_mib(fwd) / in_mib
     t_f = best_ms(fwd, repeats, warm_up=False) * scale
     mem_fb = peak_extra_mib(fwd_bwd) / in_mib
     t_fb = best_ms(fwd_bwd, repeats, warm_up=False) * scale
@@ -167,8 +170,6 @@ def cut_for(case: Case, quick: bool) -> tuple[int, int]:
 def run_case(case: Case, backends: list[str], quick: bool) -> tuple[float, list[Row]]:
     floor, rows = None, []
     for backend in backends:
-        if backend == "compile" and (quick or case.regime != "PKS4" or case.L != 16):
-            continue  # each new shape recompiles for a minute or more: measured on one case only
         if backend == "native":
             floor, row = measure_native_and_floor(case, 3 if quick else 5)
             rows.append(row)
@@ -247,7 +248,7 @@ def main() -> None:
     if args.max_load is not None:
         wait_for_quiet(args.max_load)
     load_at_start = load_average()
-    backends = ["ref", "loop", "native", "compile"]
+    backends = ["ref", "loop", "native"]
     backends = [b for b in backends if b in available_backends()]
     start = time.perf_counter()
     results = [run_case(case, backends, args.quick) for case in plan(args.quick)]
@@ -257,7 +258,7 @@ def main() -> None:
     cmd += f" --max-load {args.max_load:g}" if args.max_load is not None else ""
     doc = (f"# Selective scan on the CPU\n\n{__doc__.split(chr(10), 1)[1].strip()}\n\n"
            f"Machine: {machine(load_at_start)}.\nCommand: `{cmd}` ({time.perf_counter() - start:.0f} s). "
-           f"Times are wall clock, the best of the repeats (1 for ref/loop/compile, 5 for native and the floor)."
+           f"Times are wall clock, the best of the repeats (1 for ref/loop, 5 for native and the floor)."
            f"\n\n{text}\n")
     if not args.quick:
         args.out.write_text(doc)

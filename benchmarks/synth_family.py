@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pks4.data.synth import KINDS, generate_synth
-from pks4.recipes import FROM_SCRATCH_RECIPE, recipe_path
+from pks4.recipes import FROM_SCRATCH_RECIPE
 
 MODELS = {"pks4_vit_tiny": "tiny PKS4", "vit_tiny_avgpool": "frame-average baseline"}
 
@@ -145,7 +145,7 @@ def pair_table(results: list[dict], kinds: list[str], model: str) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/synth_family", help="data and runs go here (not into the repository)")
-    p.add_argument("--recipe", default=str(recipe_path(FROM_SCRATCH_RECIPE)))
+    p.add_argument("--recipe", default=FROM_SCRATCH_RECIPE, help="a YAML file or a packaged recipe's name")
     p.add_argument("--kinds", type=lambda s: s.split(","), default=list(KINDS))
     p.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])

@@ -2,10 +2,13 @@
 ``main``), and must end as documented: exit code 2 (1 for ``data check``) with one line naming the file or key
 and the problem, or a documented recovery (exit 0). benchmarks/reliability.md tabulates the outcomes."""
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import bad_videos as bv
 
 import numpy as np
 import pytest
@@ -95,6 +98,7 @@ class Case:
     code: int  # expected exit code
     words: tuple  # must all appear in the output (stderr + stdout)
     outcome: str  # what the user sees, for benchmarks/reliability.md
+    warns: str = ""  # a warning the run must give (its text must contain this)
 
 
 def _check(path_fn):
@@ -209,13 +213,221 @@ def _cut_ckpt(tmp: Path, run: Path) -> Path:
     return dst
 
 
+# ------------------------------------------------------------------ videos that are not what they claim
+
+
+def _vp9(tmp, name, seconds):
+    return bv.webm_with_header_duration(tmp / name, bv.ramp(24), 24, seconds)
+
+
+def _fifo(tmp: Path, name: str) -> Path:
+    os.mkfifo(tmp / name)
+    return tmp / name
+
+
+def _loop(tmp: Path, name: str) -> Path:
+    (tmp / name).symlink_to(tmp / name)
+    return tmp / name
+
+
+def _jpeg_named_mp4(tmp: Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray(_frames(1)[0]).save(tmp / "photo.mp4", format="JPEG")
+    return tmp / "photo.mp4"
+
+
+VIDEO_CASES = [
+    Case("webm header claims 0.05 s for 24 frames (predict)", _predict(lambda t, d: _vp9(t, "short.webm", 0.05)), 0,
+         ("short.webm",), "recovery: the 24 frames are counted and sampled, with a warning", warns="holds 24 frames"),
+    Case("webm header claims 3600 s for 24 frames (data check)",
+         _check(lambda t, d: _list(t, f"{_vp9(t, 'long.webm', 3600.0)} 0\n")), 0,
+         ("long.webm", "header disagrees", "86400 frame(s)", "OK"), "listed as read from the frames that exist, OK"),
+    Case("frames stamped with the wrong time base (predict)",
+         _predict(lambda t, d: bv.mkv_with_wrong_time_base(t / "ms.mkv", bv.ramp(24), 24)), 0, ("ms.mkv",),
+         "recovery: sampled from the 24 frames that exist, with a warning", warns="holds 24 frames"),
+    Case("mp4 index outliving its data (data check)",
+         _check(lambda t, d: _list(t, f"{bv.truncated_faststart_mp4(t / 'cut.mp4')} 0\n")), 0,
+         ("cut.mp4", "header disagrees", "48 frame(s)"), "listed; read from the frames that exist"),
+    Case("raw H.264 stream, no container (predict)",
+         _predict(lambda t, d: bv.raw_stream(t / "camera.h264", bv.ramp(20), 10)), 0, ("camera.h264",),
+         "recovery: frames counted and decoded from the start (no index to seek in)"),
+    Case("raw MPEG-2 stream, no container (data check)",
+         _check(lambda t, d: _list(t, f"{bv.raw_stream(t / 'tape.m2v', bv.ramp(20), 10, *['mpeg2video'] * 2)} 0\n")),
+         0, ("1 videos", "frames: min 20", "OK"), "works: 20 frames counted"),
+    Case("mp3 with a cover picture (predict)",
+         _predict(lambda t, d: bv.audio_with_cover(t / "song.mp3", "libmp3lame")), 2, ("song.mp3", "cover picture"),
+         "error: an audio file with a cover picture, not a video"),
+    Case("m4a with a cover picture (data check)",
+         _check(lambda t, d: _list(t, f"{bv.audio_with_cover(t / 'song.m4a', 'aac', 'mp4')} 0\n")), 1,
+         ("song.m4a", "unreadable", "cover picture"), "listed as unreadable: an audio file, NOT OK"),
+    Case("flac with a cover picture (predict)", _predict(lambda t, d: bv.audio_with_cover(t / "song.flac", "flac")),
+         2, ("song.flac", "an audio file, not a video"), "error: an audio file with a cover picture, not a video"),
+    Case("frame size changes mid-stream, VP9 webm (predict)",
+         _predict(lambda t, d: bv.size_change(t / "switch.webm", bv.ramp(12), bv.ramp(24, 64, 96)[12:], 12,
+                                              "libvpx-vp9")), 0, ("switch.webm",),
+         "recovery: later frames resized to the first frame's size, with a warning", warns="frame size changes"),
+    Case("frame size changes mid-stream, H.264 in MPEG-TS (predict)",
+         _predict(lambda t, d: bv.size_change(t / "switch.ts", bv.ramp(12), bv.ramp(24, 64, 96)[12:], 12, "libx264",
+                                              "mpegts")), 0, ("switch.ts",),
+         "recovery: later frames resized to the first frame's size, with a warning", warns="frame size changes"),
+    Case("JPEG photo named .mp4 (predict)", _predict(lambda t, d: _jpeg_named_mp4(t)), 2, ("photo.mp4", "still image"),
+         "error: is a still image, not a video"),
+    Case("FIFO given as a video (predict)", _predict(lambda t, d: _fifo(t, "stream.mp4")), 2,
+         ("stream.mp4", "FIFO"), "error: a FIFO, not a regular file (reading it would block)"),
+    Case("symlink loop given as a video (predict)", _predict(lambda t, d: _loop(t, "loop.mp4")), 2,
+         ("loop.mp4", "symbolic links"), "error: a symlink loop"),
+    Case("file name too long (predict)", _predict(lambda t, d: t / ("v" * 300 + ".mp4")), 2,
+         ("file name too long",), "error: file name too long"),
+    Case("/dev/null given as a video (predict)", _predict(lambda t, d: Path("/dev/null")), 2,
+         ("/dev/null", "device"), "error: a device, not a regular file"),
+]
+
+
+# ------------------------------------------------------------------------------------------ YAML files
+
+
+def _bomb() -> str:
+    lines = ["l0: &l0 [" + ", ".join(['"lol"'] * 9) + "]"]
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    return "\n".join(lines) + "\nmodel:\n  overrides:\n    payload: *l8\n"
+
+
+def _config_at(path_fn):
+    return lambda tmp, data, run: ["train", str(path_fn(tmp)), "--out", str(tmp / "run")]
+
+
+def _binary_config(tmp: Path) -> Path:
+    (tmp / "cfg.yaml").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)))
+    return tmp / "cfg.yaml"
+
+
+YAML_CASES = [
+    Case("YAML: duplicate key in a section", _yaml("train:\n  epochs: 2\n  batch_size: 4\n  epochs: 3\n"), 2,
+         ("cfg.yaml, line 4", "duplicate key 'epochs' (first at line 2)"),
+         "error names the file, the line and the key"),
+    Case("YAML: duplicate section", _yaml("train: {epochs: 1}\noptim: {lr: 0.1}\ntrain: {epochs: 2}\n"), 2,
+         ("cfg.yaml, line 3", "duplicate key 'train'"), "error names the file, the line and the key"),
+    Case("YAML: alias bomb (9^9 values)", _yaml(_bomb()), 2, ("cfg.yaml", "alias bomb"),
+         "refused after parsing, before anything expands it"),
+    Case("YAML: an alias inside its own value", _yaml("model:\n  overrides: &a {self: *a}\n"), 2,
+         ("cfg.yaml, line 2", "refers to the value that contains it"), "error names the line"),
+    Case("YAML: tab indentation", _yaml("train:\n\tepochs: 2\n"), 2, ("cfg.yaml, line 2", "not valid YAML"),
+         "error names the line and the column"),
+    Case("config is a FIFO", _config_at(lambda t: _fifo(t, "cfg.yaml")), 2, ("cfg.yaml", "FIFO"),
+         "error: not a regular file (reading it would block)"),
+    Case("config is a folder", _config_at(lambda t: t), 2, ("is a directory",), "error names the folder"),
+    Case("config is a binary file", _config_at(_binary_config), 2, ("cfg.yaml", "not UTF-8"),
+         "error: not a text file"),
+    Case("config path is a symlink loop", _config_at(lambda t: _loop(t, "cfg.yaml")), 2,
+         ("cfg.yaml", "symbolic links"), "error: a symlink loop"),
+    Case("config file name too long", _config_at(lambda t: t / ("c" * 300 + ".yaml")), 2,
+         ("file name too long",), "error: file name too long"),
+]
+
+
+# --------------------------------------------------------------------------------- values out of range
+
+
+def _set(item, *flags):
+    return lambda tmp, data, run: _train(data, tmp, *flags, *(("--set", item) if item else ()))
+
+
+RANGE_CASES = [
+    Case("lr 0 (--lr 0)", _set(None, "--lr", "0"), 2, ("optim.lr=0.0", "expected a number > 0"),
+         "error names the key and the range"),
+    Case("lr NaN", _set("optim.lr=.nan"), 2, ("optim.lr=nan", "> 0"), "error names the key and the range"),
+    Case("label smoothing 1", _set("train.label_smoothing=1"), 2, ("train.label_smoothing=1.0", "[0, 1)"),
+         "error names the key and the range"),
+    Case("crop scale reversed", _set("data.scale=[0.9, 0.1]"), 2, ("data.scale=[0.9, 0.1]", "0 < min <= max <= 1"),
+         "error names the key and the range"),
+    Case("views with 0 clips", _set("eval.views=8x0x3"), 2, ("eval.views='8x0x3'", "each >= 1"),
+         "error names the key and the form"),
+    Case("eval batch 0", _set("eval.batch_size=0"), 2, ("eval.batch_size=0", ">= 1"), "error names the key"),
+    Case("--device gpu", _set(None, "--device", "gpu"), 2, ("train.device='gpu'", "auto, cpu, cuda or cuda:N"),
+         "error names the key and the accepted values"),
+    Case("flex tubelet 0 (was a ZeroDivisionError)", _set("flex.tubelet=0"), 2, ("flex.tubelet=0", ">= 1"),
+         "error names the key, before the section is built"),
+    Case("AdamW beta 1.0", _set("optim.betas=[0.9, 1.0]"), 2, ("optim.betas=[0.9, 1.0]", "[0, 1)"),
+         "error names the key and the range"),
+    Case("random erasing 2", _set("data.random_erasing=2"), 2, ("data.random_erasing=2.0", "[0, 1]"),
+         "error names the key and the range"),
+    Case("frame template without a number", _set("data.frame_template=frame.jpg"), 2,
+         ("data.frame_template='frame.jpg'", "one integer field"), "error names the key and shows the form"),
+    Case("0 classes", _set("model.num_classes=0"), 2, ("model.num_classes=0", ">= 1"), "error names the key"),
+    Case("gradient clipping at 0", _set("optim.clip_grad=0"), 2, ("optim.clip_grad=0.0", "> 0"),
+         "error names the key (null turns clipping off)"),
+    Case("mix probability 1.5", _set("train.mix_prob=1.5"), 2, ("train.mix_prob=1.5", "[0, 1]"),
+         "error names the key and the range"),
+    Case("-1 workers", _set(None, "--workers", "-1"), 2, ("train.num_workers=-1", ">= 0"), "error names the key"),
+    Case("image smaller than a patch (size 4, patch 8)", _set(None, "--size", "4"), 2,
+         ("pks4_vit_tiny", "image_size 4", "patch_size 8"), "error names the model, the size and the patch"),
+]
+
+
+# ------------------------------------------------------------------------ paths that are not what they seem
+
+
+def _binary_list(tmp: Path, data=None) -> Path:
+    (tmp / "list.txt").write_bytes(b"\x1a\x45\xdf\xa3" + bytes(range(128, 256)))  # a webm header, then binary
+    return tmp / "list.txt"
+
+
+PATH_CASES = [
+    Case("--out names a file", lambda t, d, r: _train(d, t, "--out", str(d.train)), 2, ("train.txt",),
+         "error names the file; nothing is written"),
+    Case("--out inside a file", lambda t, d, r: _train(d, t, "--out", str(d.train / "run")), 2,
+         ("train.txt/run", "not a directory"), "error names the path"),
+    Case("a FIFO as eval --checkpoint",
+         lambda t, d, r: ["eval", "--checkpoint", str(_fifo(t, "ckpt")), "--workers", "0"], 2,
+         ("ckpt", "not a checkpoint"), "error: not a checkpoint (never read, so never blocks)"),
+    Case("binary file as a list (data check)", _check(_binary_list), 1, ("list.txt", "not a UTF-8 text file"),
+         "listed as an annotation error, NOT OK"),
+]
+
+
+# Gaps in files other branches own, kept visible (strict: a fix makes them fail until removed from here).
+def _ssv2_wrong_type(tmp: Path, data) -> list[str]:
+    (tmp / "labels.json").write_text(json.dumps({"moving left": "0"}))
+    (tmp / "train.json").write_text(json.dumps([{"id": 1, "template": 5}]))  # a number where text belongs
+    return ["data", "check", str(tmp / "train.json"), "--root", str(tmp)]
+
+
+def _labels_wrong_type(tmp: Path, data) -> list[str]:
+    (tmp / "labels.json").write_text(json.dumps({"moving left": [0]}))
+    return _train(data, tmp, "--labels", str(tmp / "labels.json"))
+
+
+MODEL_RANGE_CASES = [
+    Case("patch size 0 (model.overrides)", _set("model.overrides.patch_size=0"), 2, ("patch_size",),
+         "one line naming the key"),
+    Case("VideoMamba tubelet 0 (model.overrides)",
+         lambda t, d, r: _train(d, t, "--model", "videomamba_li_micro", "--set", "model.overrides.tubelet=0"), 2,
+         ("tubelet",), "one line naming the key"),
+    Case("tower with 0 heads (model.overrides)", _set("model.overrides.heads=0"), 2, ("heads",),
+         "one line naming the key"),
+]
+
+GAP_CASES = [
+    Case("SSV2 json: template of the wrong type (data check)", lambda t, d, r: _ssv2_wrong_type(t, d), 1,
+         ("train.json", "entry 0"), "should be an annotation error naming the entry"),
+    Case("labels.json: an id of the wrong type (train)", lambda t, d, r: _labels_wrong_type(t, d), 2,
+         ("labels.json",), "should be one line naming the file"),
+]
+
+CASES += VIDEO_CASES + YAML_CASES + RANGE_CASES + PATH_CASES + MODEL_RANGE_CASES + GAP_CASES
+
+
 # Known gaps in the data pipeline, kept visible until fixed there.
-XFAIL: dict[str, str] = {}
+XFAIL: dict[str, str] = {
+    GAP_CASES[0].name: "data/datasets.py does not type-check SSV2 entry fields (AttributeError, internal error)",
+    GAP_CASES[1].name: "data/datasets.py read_class_names does not type-check label ids (TypeError, internal error)",
+}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=XFAIL[c.name]))
                                   if c.name in XFAIL else c for c in CASES], ids=[c.name for c in CASES])
-def test_bad_input(case, data, run_dir, tmp_path, capsys):
+def test_bad_input(case, data, run_dir, tmp_path, capsys, recwarn):
     argv = case.make(tmp_path, data, run_dir)
     code = main(argv)
     out = capsys.readouterr()
@@ -223,10 +435,14 @@ def test_bad_input(case, data, run_dir, tmp_path, capsys):
     assert code == case.code, text
     for word in case.words:
         assert word in text, text
-    if code == 2:  # one clear line, no traceback
-        assert "Traceback" not in text and text.count("pks4: error:") == 1, text
+    if case.warns:
+        assert any(case.warns in str(w.message) for w in recwarn), [str(w.message) for w in recwarn]
+    assert "Traceback" not in text and "internal error" not in text, text  # whatever the outcome
+    if code == 2:  # one clear line
+        assert text.count("pks4: error:") == 1, text
     assert not (tmp_path / "pwned").exists()
 
 
 def test_corpus_size():
-    assert len(CASES) >= 20
+    assert len(CASES) >= 80
+    assert len({c.name for c in CASES}) == len(CASES)

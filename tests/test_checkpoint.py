@@ -10,7 +10,7 @@ import torch
 from pks4.data.synth import generate_synth
 from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import config_to_dict, load_config
-from pks4.engine.train import Trainer
+from pks4.engine.train import build_trainer
 from pks4.models.registry import create_model
 
 
@@ -131,15 +131,15 @@ def _tiny_cfg(data, out, *extra):
 def test_resume_mid_epoch_is_bitwise_equal(tmp_path):
     data = generate_synth(tmp_path / "data", seed=0, num_train_per_class=2, num_val_per_class=1, num_frames=4,
                           size=32)
-    straight = Trainer(_tiny_cfg(data, tmp_path / "a", "train.stop_after_steps=4"), log=lambda m: None)
+    straight = build_trainer(_tiny_cfg(data, tmp_path / "a", "train.stop_after_steps=4"), log=lambda m: None)
     assert straight.fit().status == "stopped"
-    first = Trainer(_tiny_cfg(data, tmp_path / "b", "train.stop_after_steps=2"), log=lambda m: None)
+    first = build_trainer(_tiny_cfg(data, tmp_path / "b", "train.stop_after_steps=2"), log=lambda m: None)
     assert first.fit().global_step == 2
     torch.manual_seed(123)  # a different RNG state before resuming must not matter
-    resumed = Trainer(_tiny_cfg(data, tmp_path / "b", "train.stop_after_steps=4"), resume="auto",
+    resumed = build_trainer(_tiny_cfg(data, tmp_path / "b", "train.stop_after_steps=4"), resume="auto",
                       log=lambda m: None)
     assert (resumed.epoch, resumed.batch_in_epoch, resumed.global_step) == (0, 2, 2)
     assert resumed.fit().global_step == 4
-    a, b = straight.raw_model.state_dict(), resumed.raw_model.state_dict()
+    a, b = straight.task.model.state_dict(), resumed.task.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["head.weight"], first.raw_model.state_dict()["head.weight"])
+    assert not torch.equal(a["head.weight"], first.task.model.state_dict()["head.weight"])

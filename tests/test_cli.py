@@ -97,3 +97,54 @@ def test_bad_input_is_one_clear_line(argv, words, capsys):
     assert err.startswith("pks4: error:") and len(err.splitlines()) == 1 and "Traceback" not in err
     for word in words:
         assert word in err
+
+
+def test_recipes_lists_the_packaged_recipes_and_prints_one(capsys):
+    from pathlib import Path
+
+    import pks4
+
+    files = sorted((Path(pks4.__file__).parent / "configs").glob("*.yaml"))
+    assert main(["recipes"]) == 0
+    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()
+            and not line.startswith("`")}
+    assert set(rows) == {f.stem for f in files}
+    assert rows["pks4_b16_ssv2_8f"] == "train" and rows["videomamba_middle_pretrain_k400"] == "pretrain"
+    assert rows["demo"] == "demo"
+    assert main(["recipes", "pks4_b16_ssv2_8f"]) == 0
+    assert capsys.readouterr().out == (files[0].parent / "pks4_b16_ssv2_8f.yaml").read_text()
+    assert main(["recipes", "pks4_b99"]) == 2
+    err = capsys.readouterr().err
+    assert "pks4_b99" in err and "pks4 recipes" in err and "Traceback" not in err
+
+
+def test_every_packaged_recipe_loads_by_name(tmp_path):
+    from pks4.cli.training import packaged_recipes, recipe_path
+    from pks4.engine.config import load_config
+    from pks4.engine.pretrain import load_pretrain_config
+
+    folder = tmp_path / "pks4_b16_ssv2_8f"  # something at that path: it is what the user means (and wrong)
+    folder.mkdir()
+    assert recipe_path(str(folder)) == folder and recipe_path("pks4_b16_ssv2_8f").is_file()
+    for name, (command, description) in packaged_recipes().items():
+        assert description, f"{name}.yaml has no first comment line to describe it"
+        if command == "train":
+            assert load_config(recipe_path(name)).model.name
+        elif command == "pretrain":
+            assert load_pretrain_config(recipe_path(f"{name}.yaml")).teacher
+
+
+def test_help_names_only_commands_that_exist(capsys):
+    import re
+
+    from pks4.cli import build_parser
+
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    named = {}
+    for command in sorted(commands - {"data"}):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+        named[command] = set(re.findall(r"`pks4 ([a-z-]+)", text))
+        assert named[command] <= commands, f"`pks4 {command} --help` names {named[command] - commands}"
+    assert "recipes" in named["train"] and "recipes" in named["pretrain"]

@@ -13,10 +13,10 @@ from pks4.data.datasets import (
     DatasetError,
     build_dataset,
     check_dataset,
-    collate_skip_bad,
     load_video_views,
     read_class_names,
 )
+from pks4.data.items import Skipped, collate
 from pks4.data.sampling import parse_views
 from pks4.data.synth import write_video
 
@@ -49,16 +49,16 @@ def test_list_file_space_and_comma(videos):
     ds = build_dataset(cfg, "train", train=True)
     assert [s.label for s in ds.samples] == [0, 1, 2] and ds.classes == ["0", "1", "2"]
     item = ds[2]
-    assert item["video"].shape == (4, 3, S, S) and item["label"] == 2 and item["index"] == 2
+    assert item.video.shape == (4, 3, S, S) and item.label == 2 and item.index == 2
     val = build_dataset(cfg, "val", train=False)
-    assert len(val) == 3 and val[0]["video"].shape == (4, 3, S, S)
+    assert len(val) == 3 and val[0].video.shape == (4, 3, S, S)
 
 
 def test_eval_views_are_clip_major(videos):
     root, names = videos
     (root / "val.txt").write_text(f"{names[0]} 0\n")
     ds = build_dataset(cfg_for(root, val="val.txt"), "val", train=False, views=parse_views("4x2x3"))
-    v = ds[0]["video"]
+    v = ds[0].video
     assert v.shape == (6, 4, 3, S, S)
     # frames are spatially flat: the 3 crops of a clip agree, and the two clips hold different frames
     for c in range(2):
@@ -110,19 +110,24 @@ def test_missing_files_reported_all_at_once(videos):
     assert len(ds) == 1 and len(ds.bad) == 2
 
 
-def test_skip_bad_videos_yields_none_and_collate_drops_it(videos):
+def test_unreadable_video_yields_skipped_and_collate_lists_it(videos):
     root, names = videos
     (root / "broken.mp4").write_text("not a video")
     (root / "train.txt").write_text(f"{names[0]} 0\nbroken.mp4 1\n")
     strict = build_dataset(cfg_for(root, train="train.txt"), "train", train=True)
     with pytest.raises(Exception, match="broken.mp4"):
-        strict[1]
+        collate([strict[1]]).raise_skipped()  # whoever reads the batches decides: here, strict
+    assert not strict.bad  # nothing skipped: the reader raises instead
     ds = build_dataset(cfg_for(root, train="train.txt", skip_bad_videos=True), "train", train=True)
     with pytest.warns(UserWarning, match="broken.mp4"):
-        batch = collate_skip_bad([ds[0], ds[1]])
-    assert batch["video"].shape == (1, 4, 3, S, S) and batch["label"].tolist() == [0]
+        batch = collate([ds[0], ds[1]])
+    assert batch.video.shape == (1, 4, 3, S, S) and batch.label.tolist() == [0]
+    assert [s.path for s in batch.skipped] == [str(root / "broken.mp4")]
+    assert "not a readable video" in batch.skipped[0].reason and "broken.mp4" not in batch.skipped[0].reason
     assert ds.bad and ds.bad[0][0].endswith("broken.mp4")
-    assert collate_skip_bad([None, None]) is None
+    empty = collate([Skipped("a.mp4", "gone"), Skipped("b.mp4", "gone")])
+    assert empty.video is None and len(empty) == 0 and [str(s) for s in empty.skipped] == ["a.mp4: gone",
+                                                                                          "b.mp4: gone"]
 
 
 def _write_frame_folder(d, n):
@@ -138,8 +143,8 @@ def test_rawframes_list(tmp_path):
     (tmp_path / "raw.txt").write_text("frames/v1 6 1\n")
     cfg = cfg_for(tmp_path, train="raw.txt", val="raw.txt")
     ds = build_dataset(cfg, "train", train=True)
-    assert ds.samples[0].num_frames == 6 and ds[0]["video"].shape == (4, 3, S, S)
-    assert build_dataset(cfg, "val", train=False)[0]["video"].shape == (4, 3, S, S)
+    assert ds.samples[0].num_frames == 6 and ds[0].video.shape == (4, 3, S, S)
+    assert build_dataset(cfg, "val", train=False)[0].video.shape == (4, 3, S, S)
 
 
 def test_folder_per_class(tmp_path):
@@ -165,7 +170,7 @@ def test_ssv2_official_layout(tmp_path):
     cfg = cfg_for(tmp_path, train="something-something-v2-train.json", labels="labels.json", flip="off")
     ds = build_dataset(cfg, "train", train=True)
     assert ds.classes == list(labels) and [s.label for s in ds.samples] == [0, 1]
-    assert ds[1]["video"].shape == (4, 3, S, S)
+    assert ds[1].video.shape == (4, 3, S, S)
 
 
 def test_k400_csv_layouts_and_wrong_delimiter(tmp_path):
@@ -177,7 +182,7 @@ def test_k400_csv_layouts_and_wrong_delimiter(tmp_path):
     cfg = cfg_for(tmp_path, train="train.csv")
     ds = build_dataset(cfg, "train", train=True)
     assert ds.classes == ["abseiling", "air drumming"] and [s.label for s in ds.samples] == [0, 1]
-    assert ds[0]["video"].shape == (4, 3, S, S)
+    assert ds[0].video.shape == (4, 3, S, S)
     (tmp_path / "semi.csv").write_text(header.replace(",", ";") + rows.replace(",", ";"))
     with pytest.raises(DatasetError, match="comma-separated"):
         build_dataset(cfg_for(tmp_path, train="semi.csv", format="k400"), "train", train=True)
@@ -231,15 +236,26 @@ def test_cache_decoded_gives_the_same_clips(tmp_path):
     plain = build_dataset(cfg, "val", train=False)
     cached = build_dataset(dataclasses.replace(cfg, cache_decoded=True), "val", train=False)
     for i in range(len(plain)):
-        torch.testing.assert_close(cached[i]["video"], plain[i]["video"])
-        torch.testing.assert_close(cached[i]["video"], plain[i]["video"])  # second read: from memory
+        torch.testing.assert_close(cached[i].video, plain[i].video)
+        torch.testing.assert_close(cached[i].video, plain[i].video)  # second read: from memory
     assert len(datasets._DECODED) == len(plain)
     again = build_dataset(dataclasses.replace(cfg, cache_decoded=True), "val", train=False)
-    torch.testing.assert_close(again[0]["video"], plain[0]["video"])
+    torch.testing.assert_close(again[0].video, plain[0].video)
     assert len(datasets._DECODED) == len(plain)  # a second dataset on the same files decodes nothing
     # a file rewritten in place is decoded again, not served stale
     victim = Path(plain.samples[0].path)
     other = Path(plain.samples[1].path)
     victim.write_bytes(other.read_bytes())
-    torch.testing.assert_close(again[0]["video"], plain[1]["video"])
+    torch.testing.assert_close(again[0].video, plain[1].video)
     datasets.clear_decoded_cache()
+
+
+def test_a_list_whose_paths_end_in_a_number_is_not_read_as_raw_frames(tmp_path):
+    """``clip 1 0`` is a video "clip 1" of class 0, or a folder "clip" of 1 frame: the folder on disk decides."""
+    (tmp_path / "list.txt").write_text("clip 1 0\nclip 2 1\n")
+    report = check_dataset(tmp_path / "list.txt", DataConfig(root=str(tmp_path)), max_videos=0)
+    assert report.format == "list" and report.errors == []
+    assert [m.split(": ", 1)[1] for m in report.missing] == [str(tmp_path / "clip 1"), str(tmp_path / "clip 2")]
+    (tmp_path / "clip").mkdir()
+    report = check_dataset(tmp_path / "list.txt", DataConfig(root=str(tmp_path)), max_videos=0)
+    assert report.format == "rawframes" and report.missing == []

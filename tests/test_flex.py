@@ -1,261 +1,20 @@
-"""StretchySnake flexible training (pks4.flex): modes, batch sampler, datasets, the patch hook."""
-from __future__ import annotations
+"""StretchySnake flexible training as the loop uses it: a sampled batch shape becomes the model's token geometry.
 
-import dataclasses
+The data half (modes, batch sampler, datasets) is tested in test_flex_sampler.py; the model side (token geometry
+as a forward argument) in test_geometry.py and test_model_contract.py."""
+from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from pks4.flex import (FLEX_MODES, FlexBatchSampler, FlexConfig, FlexDataset, FlexKey, FlexShape, batch_size_for,
-                       data_config_at, fit_to_grid, flex_collate, flex_patch, inference_shape, native_geometry,
-                       resolve_flex_config, sample_shape, set_patch_size, static_token_patch, tokens_per_clip)
-from pks4.layers.posembed import resize_patch_kernel
+from pks4.data.flex_sampler import FlexConfig, resolve_flex_config, sample_shape
+from pks4.layers.geometry import NativeGeometry, TokenGeometry
+from pks4.models.base import geometry_for
 from pks4.models.registry import create_model
 
 TINY_VIT = dict(width=32, heads=1, layers=2, insert_layer=1, output_dim=32, corr_window=3)
 TINY_VM = dict(embed_dim=32, depth=2)
-
-
-def _vit(**kw):
-    return create_model("pks4_vit_tiny", **{**TINY_VIT, **kw})
-
-
-# ---- modes -------------------------------------------------------------------------------------------------------
-def _draw(cfg: FlexConfig, n: int = 300) -> list[FlexShape]:
-    rng = np.random.default_rng(0)
-    return [sample_shape(cfg, rng) for _ in range(n)]
-
-
-def test_paper_defaults():
-    cfg = FlexConfig()
-    assert cfg.frames == (8, 16, 32, 64) and cfg.sizes == (96, 128, 224, 384)
-    assert cfg.flexivit_patches == (8, 10, 12, 15, 16, 20, 24, 30, 40, 48) and cfg.flexivit_size == 240
-    assert cfg.native_grid == 14
-
-
-@pytest.mark.parametrize("mode", FLEX_MODES)
-def test_every_mode_samples_from_its_declared_ranges(mode):
-    cfg = FlexConfig(mode=mode)
-    shapes = _draw(cfg)
-    t_seen = {s.frames for s in shapes}
-    h_seen = {s.size for s in shapes}
-    if mode == "none":
-        assert shapes[0] == FlexShape(16, 224, 16, 14) and len(set(shapes)) == 1
-        return
-    assert t_seen == set(cfg.frames)  # all four lengths show up in 300 draws
-    for s in shapes:
-        assert s.grid == s.size // s.patch or mode == "static_tokens"
-    if mode == "temporal":
-        assert h_seen == {224} and {s.patch for s in shapes} == {16}
-    elif mode == "static_patch":
-        assert h_seen == set(cfg.sizes) and {s.patch for s in shapes} == {16}
-        assert {s.grid for s in shapes} == {6, 8, 14, 24}
-    elif mode == "static_tokens":
-        assert h_seen == set(cfg.sizes) and {s.grid for s in shapes} == {14}
-        assert {(s.size, s.patch) for s in shapes} == {(96, 7), (128, 9), (224, 16), (384, 27)}
-    elif mode == "flexivit":
-        assert h_seen == {240} and {s.patch for s in shapes} == set(cfg.flexivit_patches)
-    elif mode == "flex_all":
-        assert h_seen == set(cfg.sizes)
-        for s in shapes:  # §4.2 example 5: p divides H, 12 <= p <= 48
-            assert 12 <= s.patch <= 48 and s.size % s.patch == 0
-
-
-def test_sample_shape_draws_what_uniform_choice_draws():
-    # Reference: numpy's own uniform choice over R^t then R^s, from the same seed (the plans of benchmarks/flex.py)
-    cfg = FlexConfig(mode="static_tokens")
-    rng, ref = np.random.default_rng(7), np.random.default_rng(7)
-    for _ in range(50):
-        t, h = int(ref.choice(cfg.frames)), int(ref.choice(cfg.sizes))
-        assert sample_shape(cfg, rng) == FlexShape(t, h, round(h / 14), 14)
-
-
-def test_static_token_patch_matches_paper_example():
-    # §4.2 example 3: 128 px with a 14 x 14 grid -> p = 9
-    assert static_token_patch(128, 14) == FlexShape(0, 128, 9, 14)
-    assert static_token_patch(224, 14).patch == 16
-
-
-def test_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="mode"):
-        FlexConfig(mode="stretchy")
-    with pytest.raises(ValueError, match="tubelet"):
-        FlexConfig(frames=(3, 8), tubelet=2)
-    with pytest.raises(ValueError, match="kernel_resize"):
-        FlexConfig(kernel_resize="nearest")
-
-
-# ---- batch sampler -----------------------------------------------------------------------------------------------
-def test_batch_size_scales_inversely_with_tokens():
-    cfg = FlexConfig(mode="static_patch")
-    ref = FlexShape(16, 224, 16, 14)
-    assert batch_size_for(ref, 8, cfg) == 8
-    assert batch_size_for(FlexShape(32, 224, 16, 14), 8, cfg) == 4
-    assert batch_size_for(FlexShape(64, 384, 16, 24), 8, cfg) == 1  # 8 * 3136 / 36864 -> at least 1
-    assert batch_size_for(FlexShape(8, 96, 16, 6), 8, cfg) == 64  # capped at 8 x base
-    assert batch_size_for(FlexShape(8, 96, 16, 6), 8, dataclasses.replace(cfg, max_batch=20)) == 20
-    assert batch_size_for(FlexShape(64, 384, 16, 24), 8, dataclasses.replace(cfg, scale_batch=False)) == 8
-
-
-def test_sampler_is_deterministic_covers_the_data_and_bounds_tokens():
-    cfg = FlexConfig(mode="static_tokens", frames=(8, 16, 32, 64))
-    s = FlexBatchSampler(100, 8, cfg, seed=3)
-    s.set_epoch(2)
-    a = list(s)
-    s.set_epoch(2)
-    assert list(s) == a
-    s.set_epoch(3)
-    assert list(s) != a
-    idx = [k.index for batch in a for k in batch]
-    assert sorted(idx) == list(range(100))  # one epoch = every item once
-    ref = 8 * 16 * 14**2
-    for batch in a:
-        assert len({k.shape for k in batch}) == 1  # one shape per batch
-        assert len(batch) * tokens_per_clip(batch[0].shape) <= ref
-    assert len(s) == len(list(s))
-
-
-def test_sampler_shards_ranks_with_equal_steps_and_shapes():
-    cfg = FlexConfig(mode="static_patch")
-    plans = []
-    for rank in range(3):
-        s = FlexBatchSampler(50, 4, cfg, seed=1, rank=rank, world_size=3)
-        plans.append(s.plan())
-    assert len({len(p) for p in plans}) == 1
-    for steps in zip(*plans):
-        assert len({shape for shape, _ in steps}) == 1
-        assert len({len(ix) for _, ix in steps}) == 1
-    all_idx = {i for p in plans for _, ix in p for i in ix}
-    assert all_idx == set(range(50))
-    resumed = FlexBatchSampler(50, 4, cfg, seed=1, rank=0, world_size=3)
-    resumed.set_epoch(0, start=2)
-    assert [[k.index for k in b] for b in resumed] == [ix for _, ix in plans[0][2:]]
-
-
-# ---- datasets --------------------------------------------------------------------------------------------------
-class _Clips(Dataset):
-    def __init__(self, n: int, frames: int = 4, size: int = 16) -> None:
-        self.n, self.frames, self.size = n, frames, size
-
-    def with_shape(self, frames: int, size: int) -> "_Clips":
-        return _Clips(self.n, frames, size)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        return {"video": torch.full((self.frames, 3, self.size, self.size), float(i)), "label": i % 3, "index": i}
-
-
-def test_loader_yields_batches_at_the_sampled_shape():
-    cfg = FlexConfig(mode="static_tokens", frames=(2, 4), sizes=(16, 24, 32), base_frames=4, base_size=16,
-                     base_patch=4)
-    loader = DataLoader(FlexDataset(_Clips(20)), batch_sampler=FlexBatchSampler(20, 3, cfg, seed=0),
-                        collate_fn=flex_collate)
-    n = 0
-    for batch in loader:
-        shape = batch["shape"]
-        assert batch["video"].shape[1:] == (shape.frames, 3, shape.size, shape.size)
-        assert shape.grid == 4 and shape.patch == shape.size // 4
-        assert torch.equal(batch["video"][:, 0, 0, 0, 0], batch["index"].float())
-        n += len(batch["index"])
-    assert n == 20
-    with pytest.raises(ValueError, match="mixes shapes"):
-        flex_collate([FlexDataset(_Clips(2))[FlexKey(0, FlexShape(2, 16, 4, 4))],
-                      FlexDataset(_Clips(2))[FlexKey(1, FlexShape(4, 16, 4, 4))]])
-
-
-def test_data_config_at_keeps_the_field_of_view():
-    from pks4.data.datasets import DataConfig
-
-    cfg = DataConfig(num_frames=8, size=224, short_side=256)
-    half = data_config_at(cfg, 16, 112)
-    assert (half.num_frames, half.size, half.short_side) == (16, 112, 128)
-    assert data_config_at(cfg, None, None) == cfg
-    assert data_config_at(DataConfig(size=32, short_side=32), 4, 48).short_side == 48
-
-
-def test_unreadable_video_is_reported_with_its_reason(tmp_path):
-    from pks4.data.datasets import DataConfig, build_dataset
-    from pks4.data.synth import generate_synth
-
-    splits = generate_synth(tmp_path / "synth", num_train_per_class=1, num_val_per_class=0, num_frames=4, size=32)
-    (tmp_path / "bad.mp4").write_bytes(b"not a video")
-    listing = tmp_path / "train.txt"
-    listing.write_text(splits.train.read_text() + f"{tmp_path / 'bad.mp4'} 1\n")
-    cfg = DataConfig(root=str(splits.root), train=str(listing), num_frames=2, size=32, skip_bad_videos=True)
-    ds = FlexDataset(build_dataset(cfg, "train", train=True))
-    with pytest.warns(UserWarning, match="bad.mp4"):
-        item = ds[FlexKey(len(ds) - 1, FlexShape(2, 48, 12, 4))]
-    assert item["skipped"].startswith(str(tmp_path / "bad.mp4")) and "not a readable video" in item["skipped"]
-    batch = flex_collate([item, ds[FlexKey(0, FlexShape(2, 48, 12, 4))]])
-    assert batch["skipped"] == [item["skipped"]] and batch["video"].shape == (1, 2, 3, 48, 48)
-
-
-def test_video_dataset_variant_loads_other_sizes(tmp_path):
-    from pks4.data.datasets import DataConfig, build_dataset
-    from pks4.data.synth import generate_synth
-
-    splits = generate_synth(tmp_path / "synth", num_train_per_class=1, num_val_per_class=1, num_frames=8, size=32)
-    cfg = DataConfig(root=str(splits.root), train=str(splits.train), val=str(splits.val), num_frames=4, size=32,
-                     short_side=32, flip="off")
-    ds = FlexDataset(build_dataset(cfg, "train", train=True))
-    item = ds[FlexKey(0, FlexShape(6, 24, 6, 4))]
-    assert item["video"].shape == (6, 3, 24, 24) and item["shape"].size == 24
-    val = FlexDataset(build_dataset(cfg, "val", train=False))
-    assert val[FlexKey(1, FlexShape(2, 48, 12, 4))]["video"].shape == (2, 3, 48, 48)
-
-
-# ---- the patch hook ----------------------------------------------------------------------------------------------
-def test_fit_to_grid_crops_and_pads_centrally():
-    x = torch.arange(10.0).view(1, 1, 1, 10).expand(1, 1, 10, 10)
-    assert fit_to_grid(x, (2, 2), 4).shape[-2:] == (8, 8)
-    assert fit_to_grid(x, (2, 2), 4)[0, 0, 0].tolist() == list(range(1, 9))
-    padded = fit_to_grid(x, (3, 3), 4)
-    assert padded.shape[-2:] == (12, 12) and padded[0, 0, 0, 0] == 0 and padded[0, 0, 0, -1] == 9
-
-
-@pytest.mark.parametrize("name,kw", [("pks4_vit_tiny", TINY_VIT), ("videomamba_li_micro", TINY_VM),
-                                     ("videomamba_park_micro", TINY_VM)])
-def test_native_shape_gives_the_plain_forward(name, kw):
-    model = create_model(name, **kw).eval()
-    x = torch.randn(2, 4, 3, 32, 32)
-    with torch.no_grad():
-        plain = model(x)
-        with flex_patch(model, inference_shape(model, 4, 32, "native")):
-            flexed = model(x)
-    torch.testing.assert_close(flexed, plain, rtol=1e-5, atol=1e-5)
-
-
-def test_flexed_clip_conv_equals_a_conv_with_the_resized_kernel():
-    model = _vit().eval()
-    x = torch.randn(3, 3, 30, 30)
-    with flex_patch(model, FlexShape(1, 30, 6, 5)):
-        out = model.backbone.conv1(x)
-        assert model.backbone.grid_size(30, 30) == (5, 5)
-    ref = torch.nn.functional.conv2d(x, resize_patch_kernel(model.backbone.conv1.weight, 6), stride=6)
-    torch.testing.assert_close(out, ref)
-    assert "forward" not in vars(model.backbone.conv1)  # the hook is gone after the block
-
-
-@pytest.mark.parametrize("name,kw,kernel,pos", [
-    ("pks4_vit_tiny", TINY_VIT, "backbone.conv1.weight", "backbone.positional_embedding"),
-    ("videomamba_li_micro", TINY_VM, "patch_embed.proj.weight", "temporal_pos_embedding"),
-    ("videomamba_park_micro", TINY_VM, "patch_embed.proj.weight", "pos_embed"),
-])
-@pytest.mark.parametrize("method", ["bicubic", "pi"])
-def test_gradients_reach_the_stored_kernel_and_position_embeddings(name, kw, kernel, pos, method):
-    model = create_model(name, **kw)
-    params = dict(model.named_parameters())
-    # 24 px at patch 6 -> a 4 x 4 grid (native 8 x 8), 6 frames (native 8): kernel, p_s and p_t all resized
-    x = torch.randn(2, 6, 3, 24, 24)
-    with flex_patch(model, FlexShape(6, 24, 6, 4), method=method):
-        model(x).square().sum().backward()
-    assert params[kernel].grad is not None and params[kernel].grad.abs().sum() > 0
-    assert params[pos].grad is not None and params[pos].grad.abs().sum() > 0
-    assert params[kernel].shape[-1] == 8  # the stored kernel keeps its size
 
 
 @pytest.mark.parametrize("name,kw", [("pks4_vit_tiny", TINY_VIT), ("videomamba_li_micro", TINY_VM)])
@@ -267,46 +26,21 @@ def test_static_tokens_keeps_the_token_grid(name, kw):
     rng = np.random.default_rng(0)
     for _ in range(6):
         shape = sample_shape(cfg, rng)
-        with torch.no_grad(), flex_patch(model, shape):
+        geometry = TokenGeometry(patch=shape.patch, grid=shape.grid, kernel_resize=cfg.kernel_resize)
+        with torch.no_grad():
             if name.startswith("pks4"):
-                tokens = model.backbone.embed(torch.randn(1, 3, shape.size, shape.size))
+                tokens = model.backbone.embed(torch.randn(1, 3, shape.size, shape.size), geometry)
                 seen.append(tokens.shape[1] - 1)
             else:
-                tokens, grid = model.embed(torch.randn(1, shape.frames, 3, shape.size, shape.size))
+                tokens, grid = model.embed(torch.randn(1, shape.frames, 3, shape.size, shape.size), geometry)
                 seen.append(grid[1] * grid[2])
     assert set(seen) == {64}
 
 
-def test_pi_resize_mode_keeps_patch_responses_when_upsampling():
-    # FlexiViT's PI-resize: <resize(x), PI(w)> = <x, w> for every patch x when the kernel grows
-    model = _vit()
-    w = model.backbone.conv1.weight
-    x = torch.randn(5, 3, 8, 8)
-    up = torch.nn.functional.interpolate(x, size=(12, 12), mode="bilinear", align_corners=False)
-    with torch.no_grad(), flex_patch(model, FlexShape(1, 12, 12, 1), method="pi"):
-        flexed = model.backbone.conv1(up).flatten(1)
-    torch.testing.assert_close(flexed, torch.nn.functional.conv2d(x, w).flatten(1), rtol=1e-4, atol=1e-4)
-
-
-def test_one_set_of_weights_runs_at_many_shapes():
-    model = _vit().eval()
-    outs = []
-    for t, h, policy in [(2, 32, "native"), (4, 48, "native"), (8, 64, "static_tokens"), (4, 40, "static_tokens"),
-                         (3, 24, 6)]:
-        with torch.no_grad(), flex_patch(model, inference_shape(model, t, h, policy)):
-            outs.append(model(torch.randn(2, t, 3, h, h)))
-    assert all(o.shape == (2, 10) and torch.isfinite(o).all() for o in outs)
-    assert inference_shape(model, 8, 96, "static_tokens") == FlexShape(8, 96, 12, 8)
-    assert inference_shape(model, 8, 96, "native") == FlexShape(8, 96, 8, 12)
-
-
-def test_set_patch_size_is_undoable_and_refuses_nesting():
+def test_flex_config_reads_the_models_native_geometry_and_refuses_other_modules():
     model = create_model("videomamba_li_micro", **TINY_VM)
-    undo = set_patch_size(model, 4)
-    with pytest.raises(RuntimeError, match="already set"):
-        set_patch_size(model, 6)
-    undo()
-    assert "embed" not in vars(model)
-    assert native_geometry(model) == {"patch": 8, "size": 64, "frames": 8, "tubelet": 1}
-    with pytest.raises(TypeError, match="does not know"):
-        native_geometry(torch.nn.Linear(2, 2))
+    assert model.native_geometry() == NativeGeometry(frames=8, size=64, patch=8, tubelet=1)
+    cfg = resolve_flex_config(FlexConfig(mode="temporal"), model, base_frames=4)
+    assert (cfg.base_frames, cfg.base_size, cfg.base_patch, cfg.tubelet) == (4, 64, 8, 1)
+    with pytest.raises(TypeError, match="does not implement the video-model contract"):
+        geometry_for(torch.nn.Linear(2, 2), 8, 64)

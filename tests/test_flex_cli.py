@@ -14,8 +14,9 @@ from pks4.data.sampling import ViewSpec
 from pks4.data.synth import generate_synth
 from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import load_config
-from pks4.engine.train import Trainer, _soft_ce
-from pks4.flex import FlexBatchSampler, FlexShape, data_config_at, flex_patch, resolve_flex_config
+from pks4.data.flex_sampler import FlexBatchSampler, data_config_at, resolve_flex_config
+from pks4.engine.train import build_trainer, soft_cross_entropy, soft_targets
+from pks4.layers.geometry import TokenGeometry
 
 # A 2-block pks4_vit_tiny of width 32 at 32 px with 8 px patches: a 4 x 4 token grid. Static tokens then trains
 # at 32 px (patch 8) and 48 px (patch 12), 2 or 4 frames; batches of 4 clips at (4, 32) and 8 at 2 frames.
@@ -78,21 +79,21 @@ def test_training_step_embeds_with_the_batch_patch(data, tmp_path):
                              "data.num_frames=4", "data.size=32", "data.short_side=32", "model.name=pks4_vit_tiny",
                              "train.num_workers=0", "train.progress=false", "train.tensorboard=false",
                              f"out={tmp_path / 'run'}", *TINY, *FLEX, "flex.sizes=[48]"])
-    trainer = Trainer(cfg, log=lambda m: None)
-    batch = next(b for b in trainer._batches(0) if b is not None and "video" in b)
-    shape = batch["shape"]
-    assert shape.size == 48 and shape.patch == 12 and batch["video"].shape[1:] == (shape.frames, 3, 48, 48)
-    model = trainer.raw_model
-    targets = torch.nn.functional.one_hot(batch["label"], len(trainer.classes)).float()
+    trainer = build_trainer(cfg, log=lambda m: None)
+    batch = next(b for b in trainer._stream(0, trainer.plan.batches(0)) if b.video is not None)
+    shape = batch.shape
+    assert shape.size == 48 and shape.patch == 12 and batch.video.shape[1:] == (shape.frames, 3, 48, 48)
+    model = trainer.task.model
+    targets = soft_targets(batch.label, len(trainer.task.classes), cfg.train.label_smoothing)
     with torch.no_grad():
-        with flex_patch(model, shape):
-            want = _soft_ce(model(batch["video"]), targets, cfg.train.label_smoothing)
-        plain = _soft_ce(model(batch["video"]), targets, cfg.train.label_smoothing)  # patch 8: a 6 x 6 grid
-    got = trainer._forward_backward(batch, sync=True, scale=1.0)
+        geometry = TokenGeometry(patch=shape.patch, grid=shape.grid, kernel_resize=cfg.flex.kernel_resize)
+        want = soft_cross_entropy(model(batch.video, geometry=geometry), targets)
+        plain = soft_cross_entropy(model(batch.video), targets)  # patch 8: a 6 x 6 grid
+    got = trainer._forward_backward(batch, sync=True, scale=1.0)["loss"]
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, plain)
     assert model.backbone.conv1.weight.grad.abs().sum() > 0  # the stored kernel trains through the resize
-    assert "forward" not in vars(model.backbone.conv1)  # the hook is gone after the step
+    assert "forward" not in vars(model)  # nothing is left set on the model after the step
 
 
 def test_flexible_run_stopped_mid_epoch_resumes_bitwise(data, run, tmp_path, capsys):
@@ -142,10 +143,10 @@ def test_eval_at_any_frames_size_and_patch_from_one_checkpoint(run, tmp_path, ca
     model, cfg, classes = ckpt.load_model_from_checkpoint(run)
     dataset = build_dataset(data_config_at(cfg.data, 2, 48), "val", train=False, views=ViewSpec(2))
     want = [[0] * len(classes) for _ in classes]
-    with torch.no_grad(), flex_patch(model, FlexShape(2, 48, 12, 4)):
+    with torch.no_grad():
         for i in range(len(dataset)):
             item = dataset[i]
-            want[item["label"]][int(model(item["video"]).argmax())] += 1
+            want[item.label][int(model(item.video, geometry=TokenGeometry(patch=12, grid=4)).argmax())] += 1
     assert got == want
     assert main(["eval", "--checkpoint", str(run), "--patch-policy", "bogus", "--workers", "0"]) == 2
     assert "bogus" in capsys.readouterr().err
@@ -162,8 +163,8 @@ def test_predict_scores_at_any_shape_match_the_flexed_model(data, run, capsys):
     model, cfg, _ = ckpt.load_model_from_checkpoint(run)
     for path, got in zip(videos, scores["static_tokens"]):
         clip = load_video_views(path, 2, 48, ViewSpec(4), data_config_at(cfg.data, 2, 48))  # (1, 2, 3, 48, 48)
-        with torch.no_grad(), flex_patch(model, FlexShape(2, 48, 12, 4)):
-            probs = model(clip).softmax(-1)[0]
+        with torch.no_grad():
+            probs = model(clip, geometry=TokenGeometry(patch=12, grid=4)).softmax(-1)[0]
         assert got == pytest.approx({k: float(probs[k]) for k in range(len(probs))}, abs=2e-6)
     assert scores["native"] != scores["static_tokens"]  # 8 px patches on a 6 x 6 grid: another model input
 

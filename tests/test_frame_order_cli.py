@@ -46,8 +46,8 @@ def test_eval_frame_order_cli_on_a_trained_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     model, cfg, classes = load_model_from_checkpoint(run)
     dataset = build_dataset(cfg.data, "val", train=False, views=parse_views("8x1x1"))
-    clips = torch.stack([dataset[i]["video"] for i in range(len(dataset))])  # (N, V, T, 3, H, W)
-    labels = [dataset[i]["label"] for i in range(len(dataset))]
+    clips = torch.stack([dataset[i].video for i in range(len(dataset))])  # (N, V, T, 3, H, W)
+    labels = [dataset[i].label for i in range(len(dataset))]
     for order in FRAME_ORDERS:
         out = tmp_path / order
         assert main(["eval", "--checkpoint", str(run), "--frame-order", order, "--out", str(out), "--json",

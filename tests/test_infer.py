@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from pks4.data.items import Batch
 from pks4.engine.infer import (aggregate_views, compute_metrics, confusion_matrix, evaluate, mean_class_accuracy,
                                run_views, save_confusion_matrix, topk_accuracy, topk_labels)
 from pks4.models.registry import create_model
@@ -58,8 +59,8 @@ def test_run_views_equals_per_view_forward_and_evaluate_dedups():
     assert logits.shape == (2, 3, 3)
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
     # a padded shard repeats index 0 (as DistributedSampler does): evaluate keeps it once, ordered by index
-    batches = [{"video": views[[1]], "label": torch.tensor([2]), "index": torch.tensor([7])},
-               {"video": views[[0, 0]], "label": torch.tensor([1, 1]), "index": torch.tensor([3, 3])}]
+    batches = [Batch(views[[1]], torch.tensor([2]), torch.tensor([7])),
+               Batch(views[[0, 0]], torch.tensor([1, 1]), torch.tensor([3, 3]))]
     out = evaluate(model, batches)
     assert out.indices.tolist() == [3, 7] and out.labels.tolist() == [1, 2]
     torch.testing.assert_close(out.probs, aggregate_views(ref)[[0, 1]], rtol=1e-5, atol=1e-6)

@@ -5,8 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pks4.ssm import mixer as mixer_module
+from pks4.ssm import scan_triton
 from pks4.ssm.mixer import MambaMixer
-from pks4.ssm.scan import selective_scan_ref
+from pks4.ssm.scan import available_backends, selective_scan_ref
 
 OFFICIAL_BIMAMBA_KEYS = {  # VideoMamba (Li et al.) mixer keys, as in the released checkpoints
     "in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
@@ -49,7 +51,7 @@ def _plain_mixer(m: MambaMixer, u: torch.Tensor, suffix: str = "") -> torch.Tens
     k = conv.weight.shape[-1]
     xpad = F.pad(x, (0, 0, k - 1, 0))  # causal: only the past
     xc = torch.stack([(xpad[:, t : t + k] * conv.weight[:, 0].t()).sum(1) for t in range(x.shape[1])], 1)
-    xc = F.silu(xc + conv.bias)
+    xc = F.silu(xc if conv.bias is None else xc + conv.bias)
     dt, B, C = torch.split(xp(xc), [m.dt_rank, m.d_state, m.d_state], dim=-1)
     delta = F.softplus(dtp(dt))
     h = torch.zeros(u.shape[0], m.d_inner, m.d_state)
@@ -136,3 +138,60 @@ def test_reference_scan_is_the_oracle_for_mixer_shapes():
 def test_bad_input_shape():
     with pytest.raises(ValueError, match=r"\(batch, length, 16\)"):
         MambaMixer(16)(torch.randn(2, 5, 8))
+
+
+def test_conv_bias_switch_is_honoured():
+    torch.manual_seed(0)
+    m = MambaMixer(16, d_state=8, conv_bias=False)
+    assert m.conv1d.bias is None and "conv1d.bias" not in m.state_dict()
+    u = torch.randn(2, 7, 16)
+    torch.testing.assert_close(m(u), m.out_proj(_plain_mixer(m, u)), rtol=1e-5, atol=1e-5)
+    conv_state, ssm_state = m.allocate_inference_cache(2)
+    steps = torch.stack([m.step(u[:, t], conv_state, ssm_state) for t in range(7)], 1)
+    torch.testing.assert_close(steps, m(u), rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_hands_the_scan_its_inputs_without_float32_copies(monkeypatch):
+    """Under bf16 autocast the scan gets the bf16 conv/projection outputs (no upcast copies); only the small
+    per-channel parameters A, D and the dt bias are float32."""
+    seen = []
+    real = mixer_module.selective_scan
+
+    def spy(u, delta, A, B, C, D=None, z=None, delta_bias=None, **kwargs):
+        seen.append({"u": u.dtype, "delta": delta.dtype, "B": B.dtype, "C": C.dtype, "z": z.dtype, "A": A.dtype})
+        return real(u, delta, A, B, C, D, z, delta_bias, **kwargs)
+
+    monkeypatch.setattr(mixer_module, "selective_scan", spy)
+    torch.manual_seed(0)
+    m = MambaMixer(16, d_state=8, bidirectional=True)
+    u = torch.randn(2, 9, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(u)
+    assert len(seen) == 2
+    for dtypes in seen:
+        assert all(dtypes[k] == torch.bfloat16 for k in ("u", "delta", "B", "C", "z")), dtypes
+        assert dtypes["A"] == torch.float32
+    torch.testing.assert_close(y.float(), m(u), rtol=0.05, atol=0.05)
+
+
+def test_step_goes_through_the_state_update_of_the_mixer_backend(monkeypatch):
+    calls = []
+    real = mixer_module.selective_state_update
+    monkeypatch.setattr(mixer_module, "selective_state_update",
+                        lambda *a, **k: calls.append(k["backend"]) or real(*a, **k))
+    m = MambaMixer(8, d_state=4, scan_backend="loop")
+    m.step(torch.randn(1, 8), *m.allocate_inference_cache(1))
+    assert calls == ["loop"]
+
+
+@pytest.mark.skipif(not scan_triton.is_installed() or "triton" not in available_backends(),
+                    reason="needs triton, and a CUDA device or Triton's interpreter")
+def test_step_with_the_triton_kernel_matches_full_scan():
+    """step() on the Triton state update (interpreted on CPU here) equals the Triton scan over the sequence."""
+    torch.manual_seed(0)
+    m = MambaMixer(8, d_state=4, expand=1, scan_backend="triton")
+    u = torch.randn(2, 5, 8)
+    full = m(u)
+    conv_state, ssm_state = m.allocate_inference_cache(2)
+    steps = torch.stack([m.step(u[:, t], conv_state, ssm_state) for t in range(5)], 1)
+    torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-5)

@@ -262,3 +262,23 @@ def test_fast_correlation_matches_reference_with_gradients(pad):
     (g_ref,) = torch.autograd.grad((ref * w).sum(), f)
     torch.testing.assert_close(g_fast, g_ref)
     assert torch.autograd.gradcheck(lambda x: local_correlation(x, [-1, 1], 3, pad), (f[:1, :3, :3, :2, :3],))
+
+
+def test_correlation_switch_selects_the_path_and_keeps_the_model():
+    from pks4.models.pks4 import PKS4Config, correlation_scores
+
+    torch.manual_seed(0)
+    fast = create_model("pks4_vit_tiny", num_classes=3).eval()
+    assert fast.config.correlation == "fast"
+    ref = model_from_config("pks4_vit_tiny", dataclasses.asdict(fast.config) | {"correlation": "reference"}).eval()
+    ref.load_state_dict(fast.state_dict())
+    with torch.no_grad():  # phi starts at zero: perturb it so the correlation reaches the output
+        for m in (fast, ref):
+            m.module.kpe.phi[1].weight.copy_(0.1 * torch.ones_like(m.module.kpe.phi[1].weight))
+    x = torch.randn(1, 4, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), fast(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="correlation 'approx'"):
+        PKS4Config(correlation="approx")
+    with pytest.raises(ValueError, match="correlation 'approx'"):
+        correlation_scores(torch.randn(1, 2, 3, 3, 4), [1], 3, "replicate", "approx")

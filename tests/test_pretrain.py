@@ -8,9 +8,8 @@ from pks4.data.synth import generate_synth
 from pks4.engine.checkpoint import read_state
 from pks4.engine.config import ModelConfig, OptimConfig
 from pks4.engine.optim import build_optimizer
-from pks4.engine.pretrain import (AlignmentObjective, MaskConfig, PretrainConfig, TeacherConfig,
-                                  build_student, build_teacher)
-from pks4.models.registry import create_model
+from pks4.engine.pretrain import AlignTask, MaskConfig, PretrainConfig, TeacherConfig, build_student, build_teacher
+from pks4.weights import create_model  # the builder reads `pretrained` first
 
 RECIPE = """
 model: {name: videomamba_li_micro}
@@ -26,14 +25,14 @@ def test_loss_decreases_on_a_fixed_batch_and_only_the_student_learns():
                          mask=MaskConfig(ratio=0.8, sample=False))  # top-k mask: the same tokens every step
     teacher = build_teacher(TeacherConfig(arch="tiny"), log=lambda msg: None)
     student = build_student(cfg, 128, num_classes=10)
-    objective = AlignmentObjective(student, teacher)
+    task = AlignTask(cfg, student, teacher, train_set=None, classes=[], log=lambda msg: None)
     frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
     last_block = student.model.layers[-1].mixer.in_proj.weight.clone()
     opt = build_optimizer(student, OptimConfig(lr=3e-3, weight_decay=0.0), 3e-3)
     clip = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     losses = []
     for _ in range(8):
-        loss = objective(clip)
+        loss = task({"video": clip})["align"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -96,3 +95,25 @@ def test_bad_teacher_file_is_one_clear_line(tmp_path, capsys):
     assert _run(data, tmp_path, tmp_path / "c", "--teacher", str(tmp_path / "missing.pt")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "teacher.path" in err[0] and "missing.pt" in err[0]
+
+
+def test_pretraining_has_the_loop_s_weight_average_and_nan_policy(tmp_path):
+    from pks4.engine.pretrain import build_pretrainer, load_pretrain_config
+
+    data = generate_synth(tmp_path / "synth", seed=3, num_train_per_class=1, num_val_per_class=0, num_frames=4,
+                          size=32)
+    recipe = tmp_path / "pretrain.yaml"
+    recipe.write_text(RECIPE)
+    cfg = load_pretrain_config(recipe, [f"data.root={data.root}", f"data.train={data.train}", f"out={tmp_path / 'r'}",
+                                        "train.ema_decay=0.5", "train.nan_policy=skip"])
+    messages = []
+    loop = build_pretrainer(cfg, log=messages.append)
+    decoder = loop.task.student.decoder.proj.weight
+    decoder.register_hook(lambda g: g * float("nan") if loop.global_step + 1 == 2 else g)
+    result = loop.fit()
+    assert result.status == "finished" and result.global_step == 2 and result.nan_skipped_steps == [2]
+    assert any("step 2" in m and "update skipped" in m for m in messages) and loop.ema.updates == 2
+    state = read_state(result.checkpoint)
+    assert {"decoder", "train_weights", "ema_updates"} <= set(state) and state["nan_skipped"] == [2]
+    weights = load_file(result.checkpoint / "model.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in loop.ema.state_dict().items())  # the average is saved

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pks4.data.items import Item
 from pks4.models.registry import create_model
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_stages.py"
@@ -24,7 +25,7 @@ def _tiny():
 def test_stage_features_match_the_model_computed_piece_by_piece():
     model = _tiny()
     views = torch.randn(3, 2, 4, 3, 32, 32)  # 3 clips x 2 views, views averaged like evaluation does
-    items = [{"video": views[i], "label": i} for i in range(3)]
+    items = [Item(views[i], i, i) for i in range(3)]
     feats, labels = probe_stages.stage_features(model, items, batch_size=2)
     assert labels.tolist() == [0, 1, 2]
 

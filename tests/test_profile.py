@@ -4,7 +4,6 @@ Conventions (see pks4.engine.profile): FULL counts everything; PKS4's published 
 attention, VideoMamba's a count of the Mamba in/out projections only. Each published number is tested under
 the convention that reproduces it, and the full count is pinned as a golden value with its deviation stated.
 """
-import argparse
 import functools
 import json
 
@@ -15,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pks4.engine import profile as prof
 from pks4.engine.profile import FlopConvention, build_model, count_flops, profile_model, training_compute
-from pks4.models.registry import count_parameters, list_models
+from pks4.models.registry import count_parameters, create_model, list_models
 
 FULL = FlopConvention()
 NO_ATTN = FlopConvention(count_attention=False)
@@ -110,6 +109,15 @@ def test_scan_and_correlation_counted_per_call():
     assert corr == prof.correlation_macs(4 * 8 * 8, 4, 5, 128)  # 4 frames of an 8x8 grid, K=4, 5x5, C=128
 
 
+def test_correlation_counted_as_the_operator_whichever_path_computes_it():
+    counts = []
+    for path in ("fast", "reference"):
+        model = create_model("pks4_vit_tiny", correlation=path)
+        counter = prof._run_counted(model, torch.zeros(1, 4, 3, 64, 64), on_meta=False)
+        counts.append(counter.get_flop_counts()["Global"])
+    assert counts[0] == counts[1] and counts[0]["correlation"] // 2 == prof.correlation_macs(4 * 8 * 8, 4, 5, 128)
+
+
 def test_meta_and_real_counts_agree():
     model = build_model("pks4_vit_tiny")
     real = prof._report(model, prof._run_counted(model, torch.zeros(1, 4, 3, 64, 64), on_meta=False), FULL)
@@ -135,18 +143,16 @@ def test_every_registered_model_profiles(name):
 
 
 def test_cli_json(capsys):
-    parser = argparse.ArgumentParser()
-    prof.add_profile_parser(parser.add_subparsers())
-    args = parser.parse_args(["profile", "pks4_vit_tiny", "--views", "4x2x3", "--repeats", "1", "--json"])
-    assert args.func(args) == 0
+    from pks4.cli import main
+
+    assert main(["profile", "pks4_vit_tiny", "--views", "4x2x3", "--repeats", "1", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     for key in ("params", "trainable_params", "params_per_module", "gflops_per_view", "gflops_total",
                 "latency_ms", "throughput", "peak_mem_mb"):
         assert key in r
     assert r["gflops_total"] == pytest.approx(6 * r["gflops_per_view"])
-    args = parser.parse_args(["profile", "pks4_vit_b16", "--training-compute", "--epochs", "20",
-                              "--dataset-size", str(SSV2_CLIPS), "--no-attention-flops", "--json"])
-    assert args.func(args) == 0
+    assert main(["profile", "pks4_vit_b16", "--training-compute", "--epochs", "20", "--dataset-size",
+                 str(SSV2_CLIPS), "--no-attention-flops", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["training_eflops"] == pytest.approx(2.9521, rel=0.03)
 
 

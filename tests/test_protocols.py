@@ -1,16 +1,15 @@
 """Evaluation protocols (pks4.engine.protocols): retrieval, linear probe, embeddings, the frames x size grid."""
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
 
-from pks4.engine.protocols import (GridResult, add_grid_arguments, add_protocol_parsers, classify, embed,
-                                   eval_grid, extract_features, linear_probe, parse_grid, project_2d,
-                                   retrieval_topk, write_grid)
+from pks4.cli import build_parser, main
+from pks4.data.items import Item
+from pks4.engine.protocols import (GridResult, classify, embed, eval_grid, extract_features, linear_probe, parse_grid,
+                                   project_2d, retrieval_topk, write_grid)
 from pks4.models.registry import create_model
 
 
@@ -72,13 +71,13 @@ class _Moving(Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> Item:
         t, s = self.frames, self.size
         video = torch.zeros(t, 3, s, s)
         for k in range(t):
             x = int((k if i % 2 == 0 else t - 1 - k) * (s - s // 4) / max(t - 1, 1))
             video[k, :, s // 3: s // 3 + s // 4, x: x + s // 4] = 1.0
-        return {"video": video, "label": i % 2, "index": i}
+        return Item(video, i % 2, i)
 
 
 @pytest.fixture(scope="module")
@@ -144,12 +143,8 @@ def test_pca_projection_golden():
 
 
 def test_cli_parsers_accept_the_documented_commands():
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="command")
-    add_protocol_parsers(sub)
-    ev = sub.add_parser("eval")
-    add_grid_arguments(ev)
-    args = p.parse_args(["eval", "--grid", "frames=8,16,32,64", "size=96,112,128,192,224,288,384"])
+    p = build_parser()
+    args = p.parse_args(["eval", "--checkpoint", "c", "--grid", "frames=8,16,32,64", "size=96,112,128,192,224,288,384"])
     assert parse_grid(args.grid) == ([8, 16, 32, 64], [96, 112, 128, 192, 224, 288, 384])
     args = p.parse_args(["linear-probe", "--checkpoint", "run", "--patch-policy", "static_tokens"])
     assert args.steps == 300 and args.patch_policy == "static_tokens"
@@ -165,7 +160,6 @@ def test_protocol_commands_on_a_checkpoint(tmp_path, capsys):
     from pks4.data.synth import CLASSES, generate_synth
     from pks4.engine import checkpoint as ckpt
     from pks4.engine.config import config_to_dict, load_config
-    from pks4.engine.protocols import run_embed, run_grid, run_linear_probe, run_retrieval
 
     splits = generate_synth(tmp_path / "synth", num_train_per_class=1, num_val_per_class=1, num_frames=4, size=32)
     cfg = load_config(None, [f"data.root={splits.root}", f"data.train={splits.train}", f"data.val={splits.val}",
@@ -176,29 +170,15 @@ def test_protocol_commands_on_a_checkpoint(tmp_path, capsys):
             "config": config_to_dict(cfg)}
     path = ckpt.save_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000001", model, {"step": 1}, meta)
 
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="command")
-    add_protocol_parsers(sub)
-    ev = sub.add_parser("eval")
-    ev.add_argument("--checkpoint")
-    ev.add_argument("--data")
-    ev.add_argument("--data-root")
-    ev.add_argument("--batch-size", type=int)
-    ev.add_argument("--out")
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--workers", type=int, default=0)
-    ev.add_argument("--json", action="store_true")
-    add_grid_arguments(ev)
     common = ["--checkpoint", str(path), "--device", "cpu", "--json", "--batch-size", "5"]
-    assert run_retrieval(p.parse_args(["retrieval", *common])) == 0
+    assert main(["retrieval", *common]) == 0
     assert set(json.loads(capsys.readouterr().out)) >= {"top1", "top5"}
-    assert run_linear_probe(p.parse_args(["linear-probe", *common, "--steps", "5", "--size", "48"])) == 0
+    assert main(["linear-probe", *common, "--steps", "5", "--size", "48"]) == 0
     assert json.loads(capsys.readouterr().out)["size"] == 48
-    assert run_embed(p.parse_args(["embed", *common, "--out", str(tmp_path / "e.npz"), "--patch-policy",
-                                   "static_tokens"])) == 0
+    assert main(["embed", *common, "--out", str(tmp_path / "e.npz"), "--patch-policy", "static_tokens"]) == 0
     assert (tmp_path / "e_pca.png").is_file() and np.load(tmp_path / "e.npz")["features"].shape == (10, 32)
     capsys.readouterr()
-    assert run_grid(p.parse_args(["eval", *common, "--grid", "frames=2,4", "size=16,32", "--out",
-                                  str(tmp_path / "grid")])) == 0
+    assert main(["eval", *common, "--workers", "0", "--grid", "frames=2,4", "size=16,32", "--out",
+                 str(tmp_path / "grid")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert len(report["grid"]) == 4 and (tmp_path / "grid" / "grid.png").is_file()

@@ -18,7 +18,10 @@ from pks4.cli import main
 from pks4.data.synth import generate_synth
 from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import load_config
-from pks4.engine.train import Trainer, TrainingError
+from pks4.engine.loader import BatchStream
+from pks4.engine.loop import Loop
+from pks4.engine.runtime import TrainingError
+from pks4.engine.train import build_trainer
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -107,13 +110,13 @@ def test_sigkill_at_random_step_then_resume_auto_is_bitwise_equal(data, tmp_path
 
 def test_resume_skips_a_truncated_newest_checkpoint_with_a_message(data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert Trainer(_cfg(data, run, "train.save_every_steps=1", "train.keep_last=3",
+    assert build_trainer(_cfg(data, run, "train.save_every_steps=1", "train.keep_last=3",
                         "train.stop_after_steps=3"), log=lambda m: None).fit().global_step == 3
     newest = run / "checkpoints" / "step-00000003" / ckpt.WEIGHTS_FILE
     newest.write_bytes(newest.read_bytes()[:1000])  # what a crash mid-write of a non-atomic save would leave
     (run / "checkpoints" / ".tmp-step-00000004-999999").mkdir()  # a save killed before its rename
     messages = []
-    resumed = Trainer(_cfg(data, run), resume="auto", log=messages.append)
+    resumed = build_trainer(_cfg(data, run), resume="auto", log=messages.append)
     assert resumed.global_step == 2
     text = "\n".join(messages)
     assert "skipping checkpoint" in text and "step-00000003" in text and "truncated" in text
@@ -162,36 +165,36 @@ def test_sigterm_under_torchrun_two_processes_saves_a_checkpoint(data, tmp_path)
 # ------------------------------------------------------------------------------------------------ NaN
 
 
-def _poison_grad_at(trainer: Trainer, steps: set[int]) -> None:
+def _poison_grad_at(trainer: Loop, steps: set[int]) -> None:
     """Make the head's gradient NaN during the backward pass of the given optimizer steps (1-based)."""
-    head = trainer.raw_model.head.weight
+    head = trainer.task.model.head.weight
     head.register_hook(lambda g: g * float("nan") if trainer.global_step + 1 in steps else g)
 
 
 def test_non_finite_gradient_with_finite_loss_stops_naming_the_step(data, tmp_path):
-    trainer = Trainer(_cfg(data, tmp_path / "run"), log=lambda m: None)
+    trainer = build_trainer(_cfg(data, tmp_path / "run"), log=lambda m: None)
     _poison_grad_at(trainer, {3})
     with pytest.raises(TrainingError, match=r"gradients are not finite at epoch 1, step 3 \(batch 3"):
         trainer.fit()
 
 
 def test_nan_policy_skip_drops_the_update_and_goes_on(data, tmp_path):
-    one = Trainer(_cfg(data, tmp_path / "one", "train.stop_after_steps=1"), log=lambda m: None)
+    one = build_trainer(_cfg(data, tmp_path / "one", "train.stop_after_steps=1"), log=lambda m: None)
     one.fit()
     messages = []
-    skipping = Trainer(_cfg(data, tmp_path / "skip", "train.nan_policy=skip", "train.stop_after_steps=2"),
+    skipping = build_trainer(_cfg(data, tmp_path / "skip", "train.nan_policy=skip", "train.stop_after_steps=2"),
                        log=messages.append)
     _poison_grad_at(skipping, {2})
     result = skipping.fit()
     assert result.status == "stopped" and result.global_step == 2 and result.nan_skipped_steps == [2]
-    a, b = one.raw_model.state_dict(), skipping.raw_model.state_dict()
+    a, b = one.task.model.state_dict(), skipping.task.model.state_dict()
     assert not _bitwise_equal(a, b)  # step 2 changed nothing
     assert any("step 2" in m and "update skipped" in m for m in messages)
     assert ckpt.read_state(result.checkpoint)["nan_skipped"] == [2]
 
 
 def test_nan_policy_skip_still_stops_when_every_step_is_non_finite(data, tmp_path):
-    trainer = Trainer(_cfg(data, tmp_path / "run", "train.nan_policy=skip", "train.max_nan_skips=2",
+    trainer = build_trainer(_cfg(data, tmp_path / "run", "train.nan_policy=skip", "train.max_nan_skips=2",
                            "optim.lr=1e30"), log=lambda m: None)
     with pytest.raises(TrainingError, match=r"step 4 .*3 non-finite steps in a row"):
         trainer.fit()
@@ -238,39 +241,39 @@ class _KillsItsWorker(Dataset):
         return self.inner[i]
 
 
-def _with_killer(trainer: Trainer, marker: Path | None) -> str:
-    victim = trainer.train_set.samples[3].path
-    trainer.train_set = _KillsItsWorker(trainer.train_set, victim, marker)
+def _with_killer(trainer: Loop, marker: Path | None) -> str:
+    victim = trainer.task.train_set.samples[3].path
+    trainer.task.train_set = _KillsItsWorker(trainer.task.train_set, victim, marker)
     return victim
 
 
 def test_a_worker_killed_once_is_retried_and_nothing_is_lost(data, tmp_path, monkeypatch):
     extra = ("train.num_workers=2", "data.skip_bad_videos=true")
-    plain = Trainer(_cfg(data, tmp_path / "plain", *extra), log=lambda m: None)
+    plain = build_trainer(_cfg(data, tmp_path / "plain", *extra), log=lambda m: None)
     plain.fit()
     messages, left_running = [], []
-    retry = Trainer._retry_batch
+    retry = BatchStream._retry
 
-    def watched_retry(self, epoch, pos):
+    def watched_retry(self, pos):
         # The failed loader is stopped before the retry: a sibling worker or an unreaped dead one left
         # behind would make torch's SIGCHLD check raise later, at a random line outside the training loop.
         left_running.extend(multiprocessing.active_children())
-        return retry(self, epoch, pos)
+        return retry(self, pos)
 
-    monkeypatch.setattr(Trainer, "_retry_batch", watched_retry)
-    hit = Trainer(_cfg(data, tmp_path / "hit", *extra), log=messages.append)
+    monkeypatch.setattr(BatchStream, "_retry", watched_retry)
+    hit = build_trainer(_cfg(data, tmp_path / "hit", *extra), log=messages.append)
     _with_killer(hit, tmp_path / "marker")
     result = hit.fit()
     assert (tmp_path / "marker").exists() and any("DataLoader worker" in m for m in messages)
     assert result.status == "finished" and result.skipped == []
     assert left_running == [] and multiprocessing.active_children() == []
     torch._C._error_if_any_worker_fails()  # no dead worker is still registered with torch
-    assert not _bitwise_equal(plain.raw_model.state_dict(), hit.raw_model.state_dict())
+    assert not _bitwise_equal(plain.task.model.state_dict(), hit.task.model.state_dict())
 
 
 def test_a_run_stopped_on_the_retried_batch_gives_sigchld_back(data, tmp_path):
     # The retried batch is batch 1 here; stopping right after it closes the batch generator at that batch.
-    hit = Trainer(_cfg(data, tmp_path / "hit", "train.num_workers=2", "train.stop_after_steps=1"),
+    hit = build_trainer(_cfg(data, tmp_path / "hit", "train.num_workers=2", "train.stop_after_steps=1"),
                   log=lambda m: None)
     _with_killer(hit, tmp_path / "marker")
     result = hit.fit()
@@ -280,13 +283,13 @@ def test_a_run_stopped_on_the_retried_batch_gives_sigchld_back(data, tmp_path):
 
 
 def test_a_batch_that_always_kills_its_worker_is_skipped_and_listed(data, tmp_path):
-    trainer = Trainer(_cfg(data, tmp_path / "run", "train.num_workers=1", "data.skip_bad_videos=true"),
+    trainer = build_trainer(_cfg(data, tmp_path / "run", "train.num_workers=1", "data.skip_bad_videos=true"),
                       log=lambda m: None)
     victim = _with_killer(trainer, None)
     result = trainer.fit()
     assert result.status == "finished" and result.global_step == 5
     assert any(victim in s and "worker died" in s for s in result.skipped) and len(result.skipped) == 2
-    strict = Trainer(_cfg(data, tmp_path / "strict", "train.num_workers=1"), log=lambda m: None)
+    strict = build_trainer(_cfg(data, tmp_path / "strict", "train.num_workers=1"), log=lambda m: None)
     _with_killer(strict, None)
     with pytest.raises(TrainingError, match=r"worker died twice.*" + victim.replace(".", r"\.")):
         strict.fit()
@@ -302,16 +305,16 @@ def test_init_from_other_class_count_needs_partial_load_which_is_reported(data, 
     meta = {"model_name": donor.model_name, "model_config": {}, "classes": ["a", "b", "c"], "config": {}}
     path = ckpt.save_checkpoint(tmp_path / "donor", donor, {}, meta)
     with pytest.raises(ckpt.CheckpointError, match=r"(?s)head\.weight.*\(3, 128\).*\(10, 128\).*partial_load"):
-        Trainer(_cfg(data, tmp_path / "a", f"model.init_from={path}"), log=lambda m: None)
+        build_trainer(_cfg(data, tmp_path / "a", f"model.init_from={path}"), log=lambda m: None)
     messages = []
-    trainer = Trainer(_cfg(data, tmp_path / "b", f"model.init_from={path}", "model.partial_load=true"),
+    trainer = build_trainer(_cfg(data, tmp_path / "b", f"model.init_from={path}", "model.partial_load=true"),
                       log=messages.append)
     assert "re-initialised (shape differs): head.bias (3,)->(10,), head.weight (3, 128)->(10, 128)" \
-        in trainer.init_report
+        in trainer.task.init_report
     assert any("partial load" in m for m in messages)
-    mine, theirs = trainer.raw_model.state_dict(), donor.state_dict()
+    mine, theirs = trainer.task.model.state_dict(), donor.state_dict()
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs if not k.startswith("head."))
     other = create_model("vit_tiny_avgpool", num_classes=10, image_size=32, num_frames=4)
     path2 = ckpt.save_checkpoint(tmp_path / "other", other, {}, meta)
     with pytest.raises(ckpt.CheckpointError, match=r"missing keys.*module\."):
-        Trainer(_cfg(data, tmp_path / "c", f"model.init_from={path2}"), log=lambda m: None)
+        build_trainer(_cfg(data, tmp_path / "c", f"model.init_from={path2}"), log=lambda m: None)

@@ -1,55 +1,11 @@
 """Selective scan: the reference against a closed form, every fast path against the reference (outputs and all
 gradients), the recurrent step against the scan, dtype handling, backend selection and the fallback."""
-import os
-
 import pytest
 import torch
 
-from pks4.ssm import scan
+from pks4.ssm import scan, scan_native, scan_triton
 from pks4.ssm.scan import available_backends, selective_scan, selective_scan_ref, selective_state_update
-
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
-def detached(inputs):
-    return {k: None if v is None else v.detach() for k, v in inputs.items()}
-
-
-def make_inputs(batch=2, dim=3, L=6, N=4, dtype=torch.float32, D=True, z=True, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    t = {"u": r(batch, dim, L), "delta": 0.5 * r(batch, dim, L), "A": -torch.rand(dim, N, generator=g,
-         dtype=torch.float64) - 0.2, "B": r(batch, N, L), "C": r(batch, N, L),
-         "D": r(dim) if D else None, "z": r(batch, dim, L) if z else None, "delta_bias": 0.3 * r(dim) if bias else None}
-    return {k: None if v is None else v.to(dtype).requires_grad_() for k, v in t.items()}
-
-
-def run(inputs, backend, softplus=True, last=False, seed=1):
-    """Outputs and the gradients of a random projection of them, for every input."""
-    res = selective_scan(**inputs, delta_softplus=softplus, return_last_state=last, backend=backend)
-    outs = res if last else (res,)
-    g = torch.Generator().manual_seed(seed)
-    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
-    present = [k for k in NAMES if inputs[k] is not None]
-    grads = torch.autograd.grad(loss, [inputs[k] for k in present])
-    return [o.detach() for o in outs], dict(zip(present, grads))
-
-
-def assert_rel(actual, expected, tol, what):
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item() + 1e-12
-    assert err <= tol * scale, f"{what}: max error {err:.3g} exceeds {tol} x max |ref| {scale:.3g}"
-
-
-def assert_matches(got, ref, tol=1e-5):
-    """Two ``run`` results (outputs, gradients): a fast path's against the reference's, within ``tol``."""
-    (outs, grads), (routs, rgrads) = got, ref
-    for name, o, r in zip(("out", "last_state"), outs, routs):
-        assert_rel(o.cpu(), r, tol, name)
-    assert grads.keys() == rgrads.keys()
-    for k in rgrads:
-        assert_rel(grads[k].cpu(), rgrads[k], tol, f"d{k}")
-
+from scan_testing import NAMES, assert_matches, assert_rel, detached, make_inputs, run
 
 def fast_backends():
     return [b for b in ("native", "loop") if b in available_backends()]
@@ -110,7 +66,7 @@ def test_native_segments_and_checkpoints(monkeypatch, N):
     """Short segments force the forward's checkpoints and the segment-by-segment backward (L=23: 6 segments)."""
     if "native" not in available_backends():
         pytest.skip("native backend unavailable here")
-    monkeypatch.setattr(scan, "_SEGMENT", 4)
+    monkeypatch.setattr(scan_native, "_SEGMENT", 4)
     x = make_inputs(2, 11, 23, N)
     got = run(x, "native", last=True)
     assert_matches(got, run(x, "ref", last=True))
@@ -204,8 +160,8 @@ def test_shape_errors_name_the_tensor():
 def test_environment_variable_picks_backend(monkeypatch):
     x = detached(make_inputs())
     monkeypatch.setenv("PKS4_SCAN_BACKEND", "ref")
-    assert scan._resolve_backend("auto", torch.device("cpu")) == "ref"
-    assert scan._resolve_backend("loop", torch.device("cpu")) == "loop"  # an explicit choice wins
+    assert scan.resolve_backend("auto", torch.device("cpu")) == "ref"
+    assert scan.resolve_backend("loop", torch.device("cpu")) == "loop"  # an explicit choice wins
     torch.testing.assert_close(selective_scan(**x), selective_scan_ref(**x))
 
 
@@ -213,7 +169,7 @@ def test_missing_compiler_falls_back_once(monkeypatch, tmp_path):
     """Without a toolchain the scan still runs (torch loop), with a single warning."""
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("PKS4_CACHE_DIR", str(tmp_path))
-    scan._native_lib.cache_clear()
+    scan_native.native_lib.cache_clear()
     try:
         x = detached(make_inputs())
         with pytest.warns(RuntimeWarning, match="native CPU selective scan is unavailable"):
@@ -221,17 +177,192 @@ def test_missing_compiler_falls_back_once(monkeypatch, tmp_path):
         assert "native" not in available_backends()
         torch.testing.assert_close(out, selective_scan_ref(**x))
     finally:
-        scan._native_lib.cache_clear()
+        scan_native.native_lib.cache_clear()
+
+
+# ---- what each path keeps for its backward ----------------------------------------------------------------
+def saved_bytes(inputs, backend):
+    """Bytes autograd keeps for the backward of one scan, each storage counted once."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = selective_scan(**inputs, backend=backend)
+    del out
+    return sum(saved.values())
+
+
+def input_bytes(inputs):
+    return sum(t.numel() * t.element_size() for t in inputs.values() if t is not None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["native", "loop", "triton"])
+def test_saved_for_backward_is_at_most_4x_the_inputs(backend, dtype):
+    """300 steps: several checkpoint intervals of every path; the reference keeps every step's states."""
+    if backend not in available_backends():
+        pytest.skip(f"backend {backend} unavailable here")
+    x = make_inputs(1, 2, 300, 8, dtype=dtype)
+    ratio = saved_bytes(x, backend) / input_bytes(x)
+    assert 1.0 <= ratio <= 4.0, f"{backend} keeps {ratio:.2f}x its inputs"
+
+
+def test_saved_bytes_measure_catches_per_step_states():
+    """The measure of the test above on the reference, which stores per-step states: above the 4x bound, and
+    more so the larger d_state is against the inputs' channels (8.2x here)."""
+    x = make_inputs(1, 8, 300, 16)
+    assert saved_bytes(x, "ref") / input_bytes(x) > 6
+
+
+def test_loop_backward_replays_segments():
+    """L = 150: three 64-step segments of the loop's backward, each started from a kept state."""
+    x = make_inputs(2, 3, 150, 5)
+    assert_matches(run(x, "loop", last=True), run(x, "ref", last=True))
+
+
+# ---- choosing a path ----------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_announcements(monkeypatch):
+    monkeypatch.setattr(scan, "_ANNOUNCED", set())
+    monkeypatch.delenv("PKS4_SCAN_BACKEND", raising=False)
+
+
+def fake_cuda_packages(monkeypatch, mamba: bool, triton: bool):
+    fn = (lambda *a, **k: None) if mamba else "mamba_ssm is not importable (ModuleNotFoundError)"
+    monkeypatch.setattr(scan, "_mamba_ssm_scan_fn", lambda: fn)
+    monkeypatch.setattr(scan, "_triton_installed", lambda: triton)
+
+
+@pytest.mark.parametrize("mamba,triton,expected", [(True, True, "mamba_ssm"), (True, False, "mamba_ssm"),
+                                                   (False, True, "triton"), (False, False, "loop")])
+def test_auto_on_cuda_prefers_mamba_ssm_then_triton(monkeypatch, fresh_announcements, mamba, triton, expected):
+    fake_cuda_packages(monkeypatch, mamba, triton)
+    if expected == "loop":
+        with pytest.warns(RuntimeWarning, match=r"pks4\[gpu\]"):
+            assert scan.resolve_backend("auto", "cuda", torch.bfloat16) == "loop"
+    else:
+        assert scan.resolve_backend("auto", "cuda", torch.bfloat16) == expected
+
+
+def test_auto_on_cuda_sends_float64_to_the_loop(monkeypatch, fresh_announcements):
+    fake_cuda_packages(monkeypatch, mamba=True, triton=True)
+    with pytest.warns(RuntimeWarning, match="take float32, bfloat16 and float16 inputs, not torch.float64"):
+        assert scan.resolve_backend("auto", "cuda", torch.float64) == "loop"
+
+
+def test_auto_says_once_which_path_and_why(monkeypatch, fresh_announcements, caplog):
+    fake_cuda_packages(monkeypatch, mamba=False, triton=True)
+    with caplog.at_level("INFO", logger="pks4.ssm.scan"):
+        for _ in range(3):
+            scan.resolve_backend("auto", torch.device("cuda", 0))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "'triton'" in said[0] and "mamba_ssm is not importable" in said[0]
+
+
+def test_auto_on_cpu_and_other_devices(fresh_announcements):
+    assert scan.resolve_backend("auto", "cpu") == ("native" if "native" in available_backends() else "loop")
+    assert scan.resolve_backend("auto", "meta") == "loop"
+
+
+def test_a_backend_asked_for_by_name_says_what_it_needs(monkeypatch, fresh_announcements):
+    x = detached(make_inputs())
+    with pytest.raises(ValueError, match="unknown backend 'compile'"):
+        selective_scan(**x, backend="compile")
+    with pytest.raises(ValueError, match="backend 'native' runs on CPU tensors, got device cuda"):
+        scan.resolve_backend("native", "cuda")
+    fake_cuda_packages(monkeypatch, mamba=False, triton=True)
+    monkeypatch.setattr(scan_triton, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 in the environment before starting Python"):
+        selective_scan(**x, backend="triton")
+    with pytest.raises(ValueError, match=r"'triton' takes float32, bfloat16 or float16 inputs, got torch.float64"):
+        scan.resolve_backend("triton", "cuda", torch.float64)
+    with pytest.raises(RuntimeError, match="backend 'mamba_ssm' needs the mamba_ssm package"):
+        scan.resolve_backend("mamba_ssm", "cuda")
+    fake_cuda_packages(monkeypatch, mamba=True, triton=False)
+    with pytest.raises(RuntimeError, match=r"needs the triton package: pip install 'pks4\[gpu\]'"):
+        scan.resolve_backend("triton", "cuda")
+    with pytest.raises(ValueError, match="backend 'mamba_ssm' runs on CUDA tensors, got device cpu"):
+        scan.resolve_backend("mamba_ssm", "cpu")
+
+
+def test_inputs_on_two_devices_are_refused():
+    x = detached(make_inputs())
+    x["A"] = x["A"].to("meta")
+    with pytest.raises(ValueError, match="A is on meta but u is on cpu"):
+        selective_scan(**x)
+
+
+# ---- the custom op ------------------------------------------------------------------------------------------
+def opcheck_args(backend):
+    x = make_inputs(1, 3, 5, 4)
+    return (*(x[k] for k in NAMES), True, True, True, backend)
+
+
+@pytest.mark.parametrize("backend", ["loop", "native", "triton"])
+def test_custom_op_passes_opcheck(backend):
+    """Schema, shape-only implementation and autograd registration agree with the real kernels."""
+    if backend not in available_backends():
+        pytest.skip(f"backend {backend} unavailable here")
+    torch.library.opcheck(torch.ops.pks4.selective_scan.default, opcheck_args(backend),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.slow
+def test_custom_op_traces_under_aot_autograd():
+    """opcheck's full set, AOT-autograd tracing (what torch.compile does with the op) included; about 30 s, most
+    of it the first use of the tracing machinery."""
+    for backend in [b for b in ("native", "triton", "loop") if b in available_backends()]:
+        torch.library.opcheck(torch.ops.pks4.selective_scan.default, opcheck_args(backend))
+
+
+def test_meta_tensors_give_shapes_without_running_a_kernel():
+    x = {k: v.detach().to("meta").requires_grad_() for k, v in make_inputs(2, 3, 600, 4).items()}
+    out, last = selective_scan(**x, return_last_state=True)
+    assert out.shape == (2, 3, 600) and last.shape == (2, 3, 4) and out.device.type == "meta"
+    out.sum().backward()
+    assert x["B"].grad.shape == (2, 4, 600)
+
+
+@pytest.mark.parametrize("backend", ["native", "loop", "triton"])
+def test_export_captures_the_scan_as_one_node(backend):
+    """A bidirectional mixer exports with one pks4.selective_scan node per direction and runs like eager."""
+    from pks4.ssm.mixer import MambaMixer
+
+    if backend not in available_backends():
+        pytest.skip(f"backend {backend} unavailable here")
+    mixer = MambaMixer(8, d_state=4, expand=1, bidirectional=True, scan_backend=backend).eval()
+    u = torch.randn(1, 6, 8)
+    exported = torch.export.export(mixer, (u,))
+    scans = [n for n in exported.graph.nodes if n.op == "call_function" and "selective_scan" in str(n.target)]
+    assert len(scans) == 2 and all(str(n.target) == "pks4.selective_scan.default" for n in scans)
+    torch.testing.assert_close(exported.module()(u), mixer(u), rtol=1e-5, atol=1e-5)
+
+
+# ---- CUDA (skipped on machines without one) -----------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["auto", "triton", "mamba_ssm", "loop"])
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_paths_match_reference(backend, case):
+    if backend != "auto" and backend not in available_backends("cuda"):
+        pytest.skip(f"backend {backend} unavailable here")
+    batch, dim, L, N, D, z, bias, softplus = case
+    x = make_inputs(batch, dim, L, N, D=D, z=z, bias=bias)
+    xc = {k: None if v is None else v.detach().cuda().requires_grad_() for k, v in x.items()}
+    assert_matches(run(xc, backend, softplus, last=True), run(x, "ref", softplus, last=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_auto_path_matches_reference():
-    x = {k: v.detach().cuda().requires_grad_() for k, v in make_inputs(2, 3, 20, 16).items()}
-    xc = {k: v.detach().cpu().requires_grad_() for k, v in x.items()}
-    assert_matches(run(x, "auto"), run(xc, "ref"))
-
-
-@pytest.mark.skipif(os.environ.get("PKS4_TEST_COMPILE") != "1", reason="torch.compile takes minutes; opt in")
-def test_compiled_loop_matches_reference():
-    x = make_inputs(2, 3, 20, 16)
-    assert_matches(run(x, "compile"), run(x, "ref"))
+def test_cuda_long_sequence_bf16_against_float64():
+    """VideoMamba-like length (several checkpoint intervals) in bfloat16 against the float64 reference."""
+    x64 = make_inputs(2, 64, 1100, 16, dtype=torch.float64)
+    xb = {k: v.detach().cuda().to(torch.bfloat16).requires_grad_() for k, v in x64.items()}
+    x64r = {k: v.detach().to(torch.bfloat16).double().requires_grad_() for k, v in x64.items()}
+    (out, last), grads = run(xb, "triton", last=True)
+    (rout, rlast), rgrads = run(x64r, "ref", last=True)
+    assert_rel(out.double().cpu(), rout, 1e-2, "out")
+    assert_rel(last.double().cpu(), rlast, 1e-4, "last_state")
+    for k in rgrads:
+        assert_rel(grads[k].double().cpu(), rgrads[k], 2e-2, f"d{k}")

@@ -64,7 +64,7 @@ def test_data_config_builds_a_dataset(tiny):
 
     cfg = tiny.data_config(num_frames=4)
     train = build_dataset(cfg, "train", train=True)
-    assert train.classes == list(CLASSES) and train[0]["video"].shape == (4, 3, 32, 32)
+    assert train.classes == list(CLASSES) and train[0].video.shape == (4, 3, 32, 32)
     assert train._train_tf.flip_pairs == {0: 1, 1: 0, 6: 7, 7: 6}
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from pks4.engine.config import load_config
-from pks4.recipes import FROM_SCRATCH_MODELS, FROM_SCRATCH_RECIPE, choose_recipe, recipe_path
+from pks4.cli.training import recipe_path
+from pks4.recipes import FROM_SCRATCH_MODELS, FROM_SCRATCH_RECIPE, choose_recipe
 
 
 def test_recipe_loads_and_builds_both_tiny_models():
@@ -28,7 +29,7 @@ def test_recipe_loads_and_builds_both_tiny_models():
 ])
 def test_from_scratch_recipe_when_nothing_says_otherwise(overrides):
     recipe, message = choose_recipe(None, overrides)
-    assert recipe is not None and Path(recipe).name == FROM_SCRATCH_RECIPE and Path(recipe).is_file()
+    assert recipe == FROM_SCRATCH_RECIPE and recipe_path(recipe).is_file()
     assert "no recipe named and no pretrained backbone" in message and recipe in message
 
 
@@ -49,6 +50,17 @@ def test_a_named_recipe_is_always_kept():
     assert choose_recipe("mine.yaml")[0] == "mine.yaml"
 
 
-def test_unknown_packaged_recipe_names_the_folder():
-    with pytest.raises(FileNotFoundError, match="no packaged recipe 'nope.yaml'"):
-        recipe_path("nope.yaml")
+def test_train_from_flags_alone_runs_the_from_scratch_recipe_and_says_so(tmp_path, capsys):
+    from pks4.cli import main
+    from pks4.data.synth import generate_synth
+
+    data = generate_synth(tmp_path / "data", kind="classic", num_train_per_class=1, num_val_per_class=1,
+                          num_frames=8, size=32)
+    out = tmp_path / "run"
+    assert main(["train", "--train-list", str(data.train), "--val-list", str(data.val), "--labels",
+                 str(data.labels), "--epochs", "1", "--workers", "0", "--out", str(out)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("no recipe named and no pretrained backbone") and FROM_SCRATCH_RECIPE in first
+    ran = load_config(out / "config.yaml")
+    recipe = load_config(recipe_path(FROM_SCRATCH_RECIPE))
+    assert ran.model == recipe.model and ran.optim == recipe.optim and ran.train.epochs == 1

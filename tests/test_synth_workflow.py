@@ -11,7 +11,7 @@ import torch
 from pks4.data.synth import KINDS
 from pks4.engine.config import load_config
 from pks4.engine.train import build_model
-from pks4.recipes import recipe_path
+from pks4.cli.training import recipe_path
 
 _DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(_DIR))  # the script imports its sibling synth_family.py
@@ -39,12 +39,12 @@ def test_tower_trains_and_its_file_starts_pks4_as_the_tower(tmp_path):
     # zero-initialised residual projections: at step 0 the patch tokens leave the module as they entered, so
     # with the CLS route off (TokenT1D starts as a channel shift between frames) the model is the tower per frame
     sets = [f"model.overrides.pretrained={path}", "model.overrides.cls_route='none'"]
-    model = build_model(load_config(recipe_path("tiny_finetune.yaml"), sets), num_classes=8).eval()
+    model = build_model(load_config(recipe_path("tiny_finetune"), sets), num_classes=8).eval()
     clips = torch.randn(2, 8, 3, 32, 32)
     with torch.no_grad():
         per_frame = tower.eval()(clips.flatten(0, 1)).view(2, 8, -1)
         torch.testing.assert_close(model.frame_features(clips), per_frame, rtol=1e-5, atol=1e-5)
-    baseline = build_model(load_config(recipe_path("tiny_finetune.yaml"), [f"model.overrides.pretrained={path}",
+    baseline = build_model(load_config(recipe_path("tiny_finetune"), [f"model.overrides.pretrained={path}",
                                                                           "model.name=vit_tiny_avgpool"]), 8).eval()
     with torch.no_grad():
         torch.testing.assert_close(baseline.forward_features(clips), per_frame.mean(1), rtol=1e-5, atol=1e-5)

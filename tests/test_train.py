@@ -8,7 +8,8 @@ from pks4.data.synth import generate_synth
 from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import load_config
 from pks4.engine.optim import wsd_lr
-from pks4.engine.train import Trainer, TrainingError, amp_dtype_for, resolve_classes
+from pks4.engine.runtime import TrainingError, amp_dtype_for
+from pks4.engine.train import build_trainer, resolve_classes
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +46,15 @@ def test_one_epoch_frozen_backbone_skips_bad_video(data, tmp_path):
     lines = data.train.read_text()
     train_list = tmp_path / "train.txt"
     train_list.write_text(lines + "train/broken.mp4 3\n")
-    trainer = Trainer(_cfg(data, tmp_path / "run", f"data.train={train_list}", "data.skip_bad_videos=true",
+    trainer = build_trainer(_cfg(data, tmp_path / "run", f"data.train={train_list}", "data.skip_bad_videos=true",
                            "train.freeze_backbone=true", "train.accum_steps=2", "optim.clip_grad=1.0",
                            "train.label_smoothing=0.1"), log=lambda m: None)
-    before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.task.model.state_dict().items()}
     result = trainer.fit()
     assert result.status == "finished" and result.global_step == 3  # 21 clips / 4 = 6 batches / accum 2
     assert len(result.skipped) == 1 and "broken.mp4" in result.skipped[0]
     assert "broken.mp4" in (tmp_path / "run" / "skipped_videos.txt").read_text()
-    after = trainer.raw_model.state_dict()
+    after = trainer.task.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
     assert not torch.equal(before["head.weight"], after["head.weight"])
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -66,7 +67,7 @@ def test_one_epoch_frozen_backbone_skips_bad_video(data, tmp_path):
 
 
 def test_non_finite_loss_stops_naming_the_step(data, tmp_path):
-    trainer = Trainer(_cfg(data, tmp_path / "run", "optim.lr=1e30", "optim.warmup_epochs=0", "data.val="),
+    trainer = build_trainer(_cfg(data, tmp_path / "run", "optim.lr=1e30", "optim.warmup_epochs=0", "data.val="),
                       log=lambda m: None)
     with pytest.raises(TrainingError, match=r"not finite\) at epoch 1, step 2"):
         trainer.fit()
@@ -80,40 +81,40 @@ EMA = ("train.ema_decay=0.8", "train.epochs=2", "optim.warmup_epochs=0")
 
 
 def test_training_with_ema_saves_the_average_and_resume_continues_both(data, tmp_path):
-    full = Trainer(_cfg(data, tmp_path / "full", *EMA), log=lambda m: None)
+    full = build_trainer(_cfg(data, tmp_path / "full", *EMA), log=lambda m: None)
     result = full.fit()
     assert result.global_step == 10 and full.ema.updates == 10  # 2 epochs of 20 clips / 4
     assert full.eval_model is full.ema.module
     # the weights file (what eval / predict / init_from read) holds the average; the state keeps the trained ones
     tensors, _ = ckpt.read_weights(result.checkpoint / ckpt.WEIGHTS_FILE)
     assert _equal(tensors, full.ema.state_dict())
-    assert _equal(ckpt.read_state(result.checkpoint)["train_weights"], full.raw_model.state_dict())
-    assert not _equal(tensors, full.raw_model.state_dict())
+    assert _equal(ckpt.read_state(result.checkpoint)["train_weights"], full.task.model.state_dict())
+    assert not _equal(tensors, full.task.model.state_dict())
     model, _, _ = ckpt.load_model_from_checkpoint(result.checkpoint)
     assert _equal(model.state_dict(), tensors)
 
     # stopped after 3 steps, then resumed: the trained weights and the average both match the straight run
-    Trainer(_cfg(data, tmp_path / "cut", *EMA, "train.stop_after_steps=3"), log=lambda m: None).fit()
+    build_trainer(_cfg(data, tmp_path / "cut", *EMA, "train.stop_after_steps=3"), log=lambda m: None).fit()
     messages = []
-    resumed = Trainer(_cfg(data, tmp_path / "cut", *EMA), resume="auto", log=messages.append)
+    resumed = build_trainer(_cfg(data, tmp_path / "cut", *EMA), resume="auto", log=messages.append)
     assert resumed.ema.updates == 3
     resumed.fit()
-    assert _equal(resumed.raw_model.state_dict(), full.raw_model.state_dict())
+    assert _equal(resumed.task.model.state_dict(), full.task.model.state_dict())
     assert _equal(resumed.ema.state_dict(), full.ema.state_dict())
 
 
 def test_resuming_a_run_without_an_average_starts_one(data, tmp_path):
-    Trainer(_cfg(data, tmp_path / "run", "train.stop_after_steps=2"),
+    build_trainer(_cfg(data, tmp_path / "run", "train.stop_after_steps=2"),
             log=lambda m: None).fit()
     messages = []
-    resumed = Trainer(_cfg(data, tmp_path / "run", *EMA), resume="auto", log=messages.append)
+    resumed = build_trainer(_cfg(data, tmp_path / "run", *EMA), resume="auto", log=messages.append)
     assert any("holds no weight average" in m for m in messages)
-    assert resumed.ema.updates == 0 and _equal(resumed.ema.state_dict(), resumed.raw_model.state_dict())
+    assert resumed.ema.updates == 0 and _equal(resumed.ema.state_dict(), resumed.task.model.state_dict())
 
 
 def test_wsd_schedule_reaches_the_optimizer(data, tmp_path):
     """optim.schedule=wsd: the LR of every logged step is the warm-up/stable/decay value, not the cosine one."""
-    trainer = Trainer(_cfg(data, tmp_path / "wsd", "train.epochs=2", "optim.warmup_epochs=0", "optim.min_lr=0.0",
+    trainer = build_trainer(_cfg(data, tmp_path / "wsd", "train.epochs=2", "optim.warmup_epochs=0", "optim.min_lr=0.0",
                            "optim.schedule=wsd", "optim.decay_fraction=0.4"), log=lambda m: None)
     assert trainer.scheduler.kind == "wsd" and trainer.scheduler.total_steps == 10
     trainer.fit()

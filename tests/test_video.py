@@ -1,6 +1,7 @@
 """Reading real video files written in tmp_path: frame accuracy, seeking, metadata fallbacks, bad inputs."""
 from __future__ import annotations
 
+import os
 import sys
 
 import av
@@ -194,3 +195,150 @@ def _frames_shape(path):
     from pks4.data.video import read_frames
 
     return tuple(read_frames(path, [0, 1]).shape)
+
+
+# ------------------------------------------------------------ headers that disagree with what decodes
+
+import warnings  # noqa: E402
+
+import bad_videos as bv  # noqa: E402
+from pks4.data.sampling import segment_indices  # noqa: E402
+
+
+def _centre_clip(path, frames=8):
+    return read_sampled(path, lambda n: segment_indices(n, frames, train=False))
+
+
+def _decode_order(path) -> list[np.ndarray]:
+    """The plain reference: every frame PyAV decodes, in order, converted without any sampling logic."""
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+@pytest.mark.parametrize("seconds", [0.05, 3600.0])
+def test_webm_whose_header_lies_about_its_duration_is_sampled_from_its_frames(tmp_path, seconds):
+    path = bv.webm_with_header_duration(tmp_path / "lying.webm", bv.ramp(24), 24, seconds)
+    with av.open(str(path)) as c:  # the lie is really in the file
+        assert c.duration == pytest.approx(seconds * 1e6, rel=1e-6)
+    with pytest.warns(UserWarning, match=r"lying\.webm: the header gives .* holds 24 frames"):
+        frames, idx = _centre_clip(path)
+    assert idx == [1, 4, 7, 10, 13, 16, 19, 22]  # segments of the 24 frames that exist
+    assert bv.frame_ids(frames) == idx
+    np.testing.assert_array_equal(frames.numpy(), np.stack(_decode_order(path))[idx])  # agrees with a plain decode
+    info = probe_video(path)
+    assert info.num_frames == 24 and info.duration == pytest.approx(1.0, abs=0.01)
+    assert "the header gives" in info.mismatch and "24 frames" in info.mismatch
+
+
+def test_timestamps_muxed_with_the_wrong_time_base_are_sampled_from_the_frames(tmp_path):
+    # declares 24 fps, stamps frames 1 ms apart: duration x rate says 2 frames, 24 decode
+    path = bv.mkv_with_wrong_time_base(tmp_path / "timebase.mkv", bv.ramp(24), 24)
+    with pytest.warns(UserWarning, match="holds 24 frames"):
+        frames, idx = _centre_clip(path)
+    assert bv.frame_ids(frames) == idx == [1, 4, 7, 10, 13, 16, 19, 22]
+    assert probe_video(path).num_frames == 24
+
+
+def test_truncated_mp4_whose_index_outlives_its_data(tmp_path):
+    path = bv.truncated_faststart_mp4(tmp_path / "cut.mp4")
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].frames == 48  # the index still lists every frame
+    info = probe_video(path)
+    assert 0 < info.num_frames < 48 and "48 frame(s)" in info.mismatch
+    with pytest.warns(UserWarning, match="cut.mp4"):
+        frames, idx = _centre_clip(path)
+    assert frames.shape == (8, 32, 48, 3) and max(idx) < info.num_frames
+
+
+@pytest.mark.parametrize("name, make", [
+    ("cfr.mp4", lambda p: write_video(p, bv.ramp(24), fps=24, options={"g": "4"})),
+    ("cfr.webm", lambda p: write_video(p, bv.ramp(24), fps=24, codec="libvpx-vp9",
+                                       options={"deadline": "realtime", "cpu-used": "8"})),
+    ("gray.mkv", lambda p: write_video(p, bv.ramp(24)[..., 0], fps=24, codec="ffv1")),
+    ("vfr.mp4", lambda p: write_video(p, bv.ramp(8), fps=10, timestamps=[0, 0.1, 0.2, 0.5, 0.6, 1.0, 1.05, 1.1])),
+    ("still_tail.mp4", lambda p: write_video(p, bv.ramp(6), fps=10, timestamps=[0, 0.1, 0.2, 0.3, 0.4, 5.0])),
+])
+def test_truthful_headers_raise_no_warning(tmp_path, name, make):
+    path = make(tmp_path / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frames, _ = _centre_clip(path)
+        assert probe_video(path).mismatch == ""
+    assert frames.shape[0] == 8
+
+
+def test_header_check_keeps_seeking_for_truthful_files(tmp_path, monkeypatch):
+    # The fast path stays the fast path: a late frame of an honest file is reached by a seek, not by decoding
+    # from the start (a decode from the start would see frame 0 first).
+    path = write_video(tmp_path / "long.mp4", bv.ramp(30), fps=10, options={"g": "5"})
+    first_pts = []
+    real = av.container.InputContainer.decode
+
+    def watch(self, *args, **kwargs):
+        for i, frame in enumerate(real(self, *args, **kwargs)):
+            if i == 0:
+                first_pts.append(frame.pts)
+            yield frame
+
+    monkeypatch.setattr(av.container.InputContainer, "decode", watch)
+    assert bv.frame_ids(read_frames(path, [27])) == [27]
+    assert first_pts and first_pts[-1] > 0
+
+
+# ---------------------------------------------------------------------- raw streams, covers, size changes
+
+
+def test_raw_h264_stream_is_counted_and_decoded_from_the_start(tmp_path):
+    path = bv.raw_stream(tmp_path / "clip.h264", bv.ramp(30), 10)
+    with av.open(str(path)) as c, pytest.raises(OSError):
+        c.seek(0)  # no index: the demuxer refuses to seek
+    info = probe_video(path)
+    assert info.num_frames == 30 and info.mismatch == ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frames, idx = _centre_clip(path)
+    assert bv.frame_ids(frames) == idx == segment_indices(30, 8, train=False)
+    assert bv.frame_ids(read_frames(path, [29, 0, 35])) == [29, 0, 29]  # past the end: the last frame
+
+
+def test_raw_mpeg2_stream_reads_by_decoding_order(tmp_path):
+    path = bv.raw_stream(tmp_path / "clip.m2v", bv.ramp(20), 10, fmt="mpeg2video", codec="mpeg2video")
+    assert probe_video(path).num_frames == 20
+    assert bv.frame_ids(read_frames(path, [0, 13, 19])) == [0, 13, 19]
+
+
+@pytest.mark.parametrize("name, codec, fmt", [("song.mp3", "libmp3lame", None), ("song.m4a", "aac", "mp4"),
+                                              ("song.flac", "flac", None)])
+def test_audio_with_a_cover_picture_is_not_a_video(tmp_path, name, codec, fmt):
+    path = bv.audio_with_cover(tmp_path / name, codec, fmt)
+    with av.open(str(path)) as c:
+        assert c.streams.video  # FFmpeg shows the cover as a video stream of one picture
+    for read in (probe_video, lambda p: read_frames(p, [0])):
+        with pytest.raises(VideoError, match=r"cover picture .* an audio file") as err:
+            read(path)
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("name, codec, fmt", [("switch.webm", "libvpx-vp9", None), ("switch.ts", "libx264", "mpegts")])
+def test_frame_size_change_mid_stream_is_resized_to_the_first_frames_size(tmp_path, name, codec, fmt):
+    path = bv.size_change(tmp_path / name, bv.ramp(12), bv.ramp(24, 64, 96)[12:], 12, codec, fmt)
+    sizes = {(f.shape[1], f.shape[0]) for f in _decode_order(path)}
+    assert sizes == {(48, 32), (96, 64)}
+    with pytest.warns(UserWarning, match=rf"{name}: frame size changes mid-stream \(96x64\); .* 48x32"):
+        frames = read_frames(path, [0, 5, 13, 20])
+    assert frames.shape == (4, 32, 48, 3) and bv.frame_ids(frames) == [0, 5, 13, 20]
+
+
+# ------------------------------------------------------------------------------- what the path points at
+
+
+def test_fifo_symlink_loop_and_long_name_are_errors_naming_the_path(tmp_path):
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop.mp4"
+    loop.symlink_to(loop)
+    long = tmp_path / ("v" * 300 + ".mp4")
+    for path, words in ((fifo, "FIFO"), (loop, "symbolic links"), (long, "file name too long")):
+        with pytest.raises(VideoError, match=words) as err:
+            probe_video(path)
+        assert err.value.path == str(path)

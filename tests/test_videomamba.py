@@ -16,7 +16,7 @@ from pks4.models.videomamba import (MODELS, SCAN_ORDERS, VideoMambaConfig, _plan
 from pks4.models.videomamba_pretrain import (DistillProjector, MaskedAlignmentStudent, attention_guided_mask,
                                              cosine_alignment_loss, pretrain_step, self_distillation_loss)
 from pks4.weights import CheckpointError
-from pks4.weights_videomamba import joint_pos_from_image, load_videomamba_checkpoint
+from pks4.weights.videomamba import joint_pos_from_image, load_videomamba_checkpoint
 
 MICRO = ["videomamba_li_micro", "videomamba_park_micro"]
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "pks4" / "configs"
@@ -299,6 +299,51 @@ def test_li_tubelet_inflation_is_centre(tmp_path):
     w = dst.patch_embed.proj.weight
     torch.testing.assert_close(w[:, :, 1], src.patch_embed.proj.weight[:, :, 0])
     assert w[:, :, 0].abs().max() == 0
+
+
+def _masked_pretraining_checkpoint(model, teacher_dim=96):
+    """The official masked-pretraining layout (Li §3.4): the encoder, its final norm as ``norm`` (not ``norm_f``),
+    the alignment decoder to the CLIP teacher's width, no head; wrapped as their training script saves it."""
+    sd = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("head.", "norm_f."))}
+    d = model.config.embed_dim
+    sd |= {"norm.weight": torch.ones(d), "clip_decoder.0.head.weight": torch.randn(teacher_dim, d),
+           "clip_decoder.0.head.bias": torch.zeros(teacher_dim), "clip_decoder.0.norm.weight": torch.ones(teacher_dim),
+           "clip_decoder.0.norm.bias": torch.zeros(teacher_dim)}
+    return {"model": sd, "epoch": 799}
+
+
+PRETRAIN_ONLY = ["clip_decoder.0.head.bias", "clip_decoder.0.head.weight", "clip_decoder.0.norm.bias",
+                 "clip_decoder.0.norm.weight", "norm.weight"]
+
+
+def test_masked_pretraining_checkpoint_starts_a_fine_tune(tmp_path, caplog):
+    from pks4.weights import create_model as build
+
+    src = _randomised("videomamba_li_micro")
+    torch.save(_masked_pretraining_checkpoint(src), tmp_path / "mask_pt.pth")
+    with caplog.at_level("WARNING", logger="pks4.weights"):
+        model = build("videomamba_li_micro", depth=2, num_classes=7, pretrained=str(tmp_path / "mask_pt.pth"))
+    warned = [r.getMessage() for r in caplog.records if "masked-pretraining" in r.getMessage()]
+    assert len(warned) == 1 and all(k in warned[0] for k in PRETRAIN_ONLY)  # every dropped key listed, once
+    got, want = model.state_dict(), src.state_dict()
+    encoder = [k for k in want if not k.startswith(("head.", "norm_f."))]
+    assert all(torch.equal(got[k], want[k]) for k in encoder)  # the whole encoder, nothing left at random
+    assert torch.equal(got["norm_f.weight"], torch.ones(64)) and got["head.weight"].shape == (7, 64)
+    report = load_videomamba_checkpoint(create_model("videomamba_li_micro", depth=2), tmp_path / "mask_pt.pth",
+                                        reinit_head=True)
+    assert report.dropped == PRETRAIN_ONLY and report.head_reinitialised
+    assert report.load.missing == ["norm_f.weight", "head.weight", "head.bias"]
+
+
+def test_masked_pretraining_checkpoint_with_a_broken_encoder_is_refused(tmp_path):
+    ckpt = _masked_pretraining_checkpoint(_randomised("videomamba_li_micro"))
+    del ckpt["model"]["layers.1.mixer.dt_proj.weight"]
+    ckpt["model"]["layers.1.mixer.extra"] = torch.zeros(3)
+    torch.save(ckpt, tmp_path / "mask_pt.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys.*layers.1.mixer.dt_proj.weight.*unexpected keys.*"
+                                              r"layers.1.mixer.extra"):
+        load_videomamba_checkpoint(create_model("videomamba_li_micro", depth=2), tmp_path / "mask_pt.pth",
+                                   reinit_head=True)
 
 
 # ---- frame-order perturbation (Park Table 1) --------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Checkpoint reading: every CLIP layout built locally, loaded 1:1 and checked against an independent
 functional CLIP forward on nn.MultiheadAttention (as OpenAI's code computes it); refusals and errors."""
+import dataclasses
 import json
 import os
 import pickle
@@ -332,3 +333,123 @@ def test_load_state_dict_strict_partial_only_when_allowed(caplog):
     assert report.mismatched == [("1.weight", (5, 4), (2, 4))] and not report.complete
     assert "partial load" in caplog.text
     assert torch.equal(model[0].weight, torch.ones(4, 3)) and torch.equal(model[1].weight, before)
+
+
+# ---- the builder: the checkpoint read first (pks4.weights.create_model) ----------------------------------------
+
+def write_hf_gelu_folder(tmp, sd):
+    """transformers' CLIPVisionModelWithProjection of a GELU tower (``hidden_act: gelu``)."""
+    folder = tmp / "hf_gelu"
+    _hf_config(folder, act="gelu")
+    save_file({"vision_model." + k: v for k, v in _to_hf(sd).items()} | {"visual_projection.weight":
+              sd["proj"].T.contiguous()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def write_open_clip_laion_folder(tmp, sd):
+    """open_clip's hub folder of a LAION-style tower: its config has no ``quick_gelu`` (GELU)."""
+    folder = tmp / "open_clip_laion"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 2, "width": 128, "patch_size": 8},
+                      "text_cfg": {"context_length": 77, "vocab_size": 10, "width": 8, "heads": 1, "layers": 1}},
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}))
+    torch.save({"visual." + k: v for k, v in sd.items()} | _text_tower_keys(), folder / "open_clip_pytorch_model.bin")
+    return folder
+
+
+GELU_WRITERS = {"hf": write_hf_gelu_folder, "open_clip": write_open_clip_laion_folder}
+CLIP = torch.randn(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(5))  # (B, T, 3, H, W)
+
+
+def _tower_alone(sd, act):
+    """The reference tower's image embedding of every frame of CLIP: (B, T, D)."""
+    with torch.no_grad():
+        return clip_reference(sd, CLIP.flatten(0, 1), heads=2, act=act)[1].view(2, 3, -1)
+
+
+@pytest.mark.parametrize("layout", GELU_WRITERS)
+@pytest.mark.parametrize("name", ["pks4_vit_tiny", "vit_tiny_avgpool"])
+def test_gelu_tower_loads_into_video_models_with_the_tower_features(tmp_path, vision_sd, layout, name):
+    from pks4.weights import create_model
+
+    path = GELU_WRITERS[layout](tmp_path, vision_sd)
+    # cls_route="none": with its zero-initialised residuals the PKS4 module starts as the identity (§3.5.2)
+    extra = {"cls_route": "none"} if name.startswith("pks4") else {}
+    model = create_model(name, pretrained=path, num_classes=3, **extra).eval()
+    assert model.config.backbone.quick_gelu is False and model.config.backbone.width == 128
+    want = _tower_alone(vision_sd, F.gelu)
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone.encode_image(CLIP.flatten(0, 1)).view(2, 3, -1), want,
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model.forward_features(CLIP), want.mean(1), rtol=1e-4, atol=1e-4)
+    # What a tower built from the registry config (QuickGELU) gives instead: the bug this guards against.
+    wrong = create_model(name, pretrained=path, num_classes=3, quick_gelu=True, force_activation=True, **extra)
+    with torch.no_grad():
+        assert (wrong.eval().forward_features(CLIP) - want.mean(1)).abs().max() > 1e-3
+
+
+def test_saved_config_of_a_gelu_model_rebuilds_it(tmp_path, vision_sd):
+    from pks4.weights import create_model, model_from_config
+
+    path = write_hf_gelu_folder(tmp_path, vision_sd)
+    model = create_model("vit_tiny_avgpool", pretrained=path, num_classes=3).eval()
+    saved = dataclasses.asdict(model.config) | {"pretrained": ""}  # as a training checkpoint stores it
+    rebuilt = model_from_config("vit_tiny_avgpool", saved).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    reread = model_from_config("vit_tiny_avgpool", dataclasses.asdict(model.config)).eval()  # names the file
+    reread.head.load_state_dict(model.head.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(CLIP), model(CLIP))
+        torch.testing.assert_close(reread(CLIP), model(CLIP))
+
+
+def test_requested_tower_options_against_the_checkpoint(tmp_path, vision_sd):
+    from pks4.weights import create_model
+
+    gelu = write_hf_gelu_folder(tmp_path, vision_sd)
+    with pytest.raises(CheckpointError, match=r"says quick_gelu=False but the model config asks for quick_gelu=True"
+                                              r".*force_activation=True") as err:
+        create_model("vit_tiny_avgpool", pretrained=gelu, quick_gelu=True)
+    assert str(gelu) in str(err.value)
+    forced = create_model("vit_tiny_avgpool", pretrained=gelu, quick_gelu=True, force_activation=True)
+    assert forced.config.backbone.quick_gelu is True
+    with pytest.raises(CheckpointError, match=r"width=64 \(the checkpoint's tensors give 128\)"):
+        create_model("vit_tiny_avgpool", pretrained=gelu, width=64, heads=1)
+    # a bare state dict states no activation: the request decides, QuickGELU (OpenAI's) otherwise
+    bare, _ = write_open_clip_safetensors(tmp_path, vision_sd)
+    assert create_model("vit_tiny_avgpool", pretrained=bare).config.backbone.quick_gelu is True
+    assert create_model("vit_tiny_avgpool", pretrained=bare, quick_gelu=False).config.backbone.quick_gelu is False
+    # another frame size is honoured by resizing the position embedding once; training options pass through
+    big = create_model("vit_tiny_joint", pretrained=bare, image_size=48, drop_path=0.1)
+    assert big.config.backbone.image_size == 48 and big.backbone.positional_embedding.shape == (37, 128)
+    assert big.config.backbone.drop_path == 0.1
+
+
+def test_pretrained_is_only_read_by_the_builder(tmp_path, vision_sd):
+    import pks4
+    from pks4.models import registry
+
+    path = write_hf_gelu_folder(tmp_path, vision_sd)
+    with pytest.raises(ValueError, match="read by pks4.weights.create_model"):
+        registry.create_model("vit_tiny_avgpool", pretrained=str(path))
+    with pytest.raises(ValueError, match="read by pks4.weights.create_model"):
+        registry.model_from_config("vit_tiny_avgpool", {"pretrained": str(path)})
+    with pytest.raises(CheckpointError, match="no such file"):
+        pks4.create_model("pks4_vit_tiny", pretrained=tmp_path / "absent.pt")
+
+
+def test_tower_files_that_say_something_wrong_are_named(tmp_path, vision_sd):
+    folder = tmp_path / "hf_tanh"
+    _hf_config(folder, act="gelu_new")
+    save_file(_to_hf(vision_sd), str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="hidden_act='gelu_new'") as err:
+        load_pretrained_backbone(folder)
+    assert str(folder) in str(err.value)
+    oc = write_open_clip_laion_folder(tmp_path, vision_sd)
+    (oc / "open_clip_config.json").write_text(json.dumps({"preprocess_cfg": {}}))
+    with pytest.raises(CheckpointError, match=r"open_clip_config.json: expected a 'model_cfg' object"):
+        load_pretrained_backbone(oc)
+    (oc / "open_clip_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"open_clip_config.json: invalid JSON"):
+        load_pretrained_backbone(oc)

@@ -10,26 +10,16 @@ start from (``model.init_from``) keeps the built-in defaults, as does any model 
 """
 from __future__ import annotations
 
-from importlib import resources
-from pathlib import Path
 from typing import Sequence
 
-__all__ = ["FROM_SCRATCH_RECIPE", "FROM_SCRATCH_MODELS", "recipe_path", "choose_recipe"]
+__all__ = ["FROM_SCRATCH_RECIPE", "FROM_SCRATCH_MODELS", "choose_recipe"]
 
-FROM_SCRATCH_RECIPE = "tiny_from_scratch.yaml"
+FROM_SCRATCH_RECIPE = "tiny_from_scratch"  # a packaged recipe (``pks4 recipes``; pks4.cli.training.recipe_path)
 # The models the from-scratch recipe was tuned for (its model.overrides set their shape and module switches).
 FROM_SCRATCH_MODELS = ("pks4_vit_tiny", "vit_tiny_avgpool")
 # Config keys that give a run weights to start from; any of them set to a non-empty value means "not from scratch".
 _START_KEYS = ("model.pretrained", "model.overrides.pretrained", "model.init_from")
 _EMPTY = ("", "''", '""', "null", "none", "~")
-
-
-def recipe_path(name: str) -> Path:
-    """Path of the packaged recipe ``name`` (a file in ``pks4/configs``)."""
-    path = Path(str(resources.files("pks4") / "configs" / name))
-    if not path.is_file():
-        raise FileNotFoundError(f"no packaged recipe {name!r} in {path.parent}")
-    return path
 
 
 def _last_values(overrides: Sequence[str]) -> dict[str, str]:
@@ -45,11 +35,11 @@ def choose_recipe(recipe: str | None, overrides: Sequence[str] = ()) -> tuple[st
     """Which recipe a run loads, and the line to print at start saying why.
 
     Args:
-        recipe: the recipe the user named (a YAML path), or None.
+        recipe: the recipe the user named (a YAML path or a packaged name), or None.
         overrides: every ``key=value`` the run was given (``--model`` and the other flags turned into keys, then
             ``--set``), in order.
     Returns:
-        (recipe, message): the user's recipe when one is named; the from-scratch recipe's path when none is named,
+        (recipe, message): the user's recipe when one is named; the from-scratch recipe's name when none is named,
         no key gives starting weights and the model (``model.name``, default ``pks4_vit_tiny``) is one the recipe
         was tuned for; else None, which means the built-in defaults.
     """
@@ -62,5 +52,5 @@ def choose_recipe(recipe: str | None, overrides: Sequence[str] = ()) -> tuple[st
     if model not in FROM_SCRATCH_MODELS:
         return None, (f"no recipe named; model {model} is not one the from-scratch recipe was tuned for "
                       f"({', '.join(FROM_SCRATCH_MODELS)}): the built-in defaults")
-    path = recipe_path(FROM_SCRATCH_RECIPE)
-    return str(path), f"no recipe named and no pretrained backbone: the from-scratch recipe {path}"
+    return FROM_SCRATCH_RECIPE, (f"no recipe named and no pretrained backbone: the from-scratch recipe "
+                                 f"{FROM_SCRATCH_RECIPE} (`pks4 recipes {FROM_SCRATCH_RECIPE}` prints it)")

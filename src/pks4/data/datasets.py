@@ -1,9 +1,16 @@
 """Datasets read as they are published: SSV2 json, Kinetics-400 csv, list files, raw frames, class folders.
 
-Every format is parsed into the same thing, a list of ``Sample(path, label, num_frames)`` plus class names,
-and one ``VideoDataset`` turns samples into clips. Mistakes in the annotation files (labels out of range,
-missing videos, wrong delimiters) are caught when the dataset is built, reported all at once with the file
-name and line numbers, instead of surfacing as a crash hours into training.
+Every format is parsed into the same thing, a list of ``Sample(path, label, num_frames)`` plus class names
+(:class:`Parsed`), and one ``VideoDataset`` turns samples into clips (:class:`pks4.data.items.Item`, or a
+:class:`~pks4.data.items.Skipped` for a video that cannot be read). Mistakes in the annotation files (labels out
+of range, missing videos, wrong delimiters) are caught when the dataset is built, reported all at once with the
+file name and line numbers, instead of surfacing as a crash hours into training.
+
+Formats are registry entries: a new one is a parser function and one :func:`register_format` line (with an
+optional detector for ``format: auto``), wherever it is defined, e.g.::
+
+    def parse_coin(source, root, cfg, classes) -> Parsed: ...
+    register_format("coin", parse_coin)
 """
 from __future__ import annotations
 
@@ -12,31 +19,35 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
+from .flex_sampler import data_config_at
+from .items import Item, Skipped
 from .sampling import ViewSpec, dense_indices, rng_from_torch, segment_indices
 from .transforms import CLIP_MEAN, CLIP_STD, EvalTransform, FLIP_MODES, TrainTransform, parse_rand_augment
-from .video import DataError, probe_video, read_raw_frames, read_sampled
+from .video import DataError, VideoError, probe_video, read_raw_frames, read_sampled
 
 __all__ = [
     "DataConfig",
     "Sample",
     "DatasetError",
     "VideoDataset",
+    "Parsed",
+    "DatasetFormat",
+    "register_format",
+    "dataset_formats",
     "build_dataset",
-    "collate_skip_bad",
     "load_video_views",
     "read_class_names",
     "CheckReport",
     "check_dataset",
 ]
 
-FORMATS = ("auto", "list", "rawframes", "ssv2", "k400", "folder")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".gif")
 _HEADER_WORDS = {"path", "label", "video", "filename", "file", "class", "class_id", "label_id", "total_frames",
                  "frames", "name", "id"}
@@ -75,7 +86,7 @@ class DataConfig:
     set it equal to ``size`` for full-frame 3-crop testing.
     """
 
-    format: str = "auto"  # auto | list | rawframes | ssv2 | k400 | folder
+    format: str = "auto"  # auto (detected) or a registered format: list | rawframes | ssv2 | k400 | folder | ...
     root: str = ""
     train: str = ""
     val: str = ""
@@ -103,8 +114,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         # YAML gives lists where tuples are declared
         self.scale, self.mean, self.std = tuple(self.scale), tuple(self.mean), tuple(self.std)
-        if self.format not in FORMATS:
-            raise ValueError(f"DataConfig.format={self.format!r}; expected one of {FORMATS}")
+        if self.format != "auto" and self.format not in _FORMATS:
+            raise ValueError(f"DataConfig.format={self.format!r}; expected one of {dataset_formats()}")
         if self.sampling not in ("segment", "dense"):
             raise ValueError(f"DataConfig.sampling={self.sampling!r}; expected 'segment' or 'dense'")
         if self.flip not in FLIP_MODES:
@@ -137,8 +148,9 @@ def _listed(problems: Sequence[str]) -> str:
 
 
 @dataclass
-class _Parsed:
-    """Samples of one annotation file; ``lines[i]`` is where sample i was declared (for messages)."""
+class Parsed:
+    """Samples of one annotation file (what a format's parser returns); ``lines[i]`` is where sample i was
+    declared (for messages), ``errors`` every problem found (reported all at once)."""
 
     source: Path
     format: str
@@ -230,9 +242,18 @@ def _split_line(line: str, n_fields: int) -> list[str]:
     return line.rsplit(maxsplit=n_fields - 1)
 
 
-def _parse_list(p: Path, root: Path, rawframes: bool) -> _Parsed:
-    """``path label`` (or ``path total_frames label``) lines, space- or comma-separated, optional header."""
-    out = _Parsed(p, "rawframes" if rawframes else "list")
+def parse_list(p: Path, root: Path, cfg: DataConfig, classes: list[str] | None) -> Parsed:
+    """``path label`` lines, space- or comma-separated, optional header (Kinetics / SSV2 list files)."""
+    return _parse_lines(p, root, rawframes=False)
+
+
+def parse_rawframes(p: Path, root: Path, cfg: DataConfig, classes: list[str] | None) -> Parsed:
+    """``folder total_frames label`` lines: videos stored as folders of frame images."""
+    return _parse_lines(p, root, rawframes=True)
+
+
+def _parse_lines(p: Path, root: Path, rawframes: bool) -> Parsed:
+    out = Parsed(p, "rawframes" if rawframes else "list")
     n_fields = 3 if rawframes else 2
     layout = "'<path> <total_frames> <label>'" if rawframes else "'<path> <label>'"
     for n, ln in enumerate(_read_lines(p), 1):
@@ -265,15 +286,15 @@ def _read_lines(p: Path) -> list[str]:
         raise DatasetError(p, f"not a UTF-8 text file ({e}); is this a video passed as a list?") from e
 
 
-def _parse_ssv2(p: Path, root: Path, labels_path: str) -> _Parsed:
+def parse_ssv2(p: Path, root: Path, cfg: DataConfig, classes: list[str] | None) -> Parsed:
     """Official SSV2 ``something-something-v2-{train,validation}.json`` + ``labels.json``; videos ``<id>.webm``."""
-    labels_file = Path(labels_path) if labels_path else p.parent / "labels.json"
+    labels_file = _resolve(cfg.labels, cfg) if cfg.labels else p.parent / "labels.json"
     if not labels_file.is_file():
         raise DatasetError(p, f"SSV2 needs its labels.json (looked for {labels_file}); set the labels path")
     mapping = _read_json(labels_file)
     if not isinstance(mapping, dict):
         raise DatasetError(labels_file, "expected the SSV2 labels.json object {template: id}")
-    out = _Parsed(p, "ssv2", classes=read_class_names(labels_file))
+    out = Parsed(p, "ssv2", classes=read_class_names(labels_file))
     entries = _read_json(p)
     if not isinstance(entries, list):
         raise DatasetError(p, "expected a JSON list of {'id', 'template', ...} entries (SSV2 layout)")
@@ -304,7 +325,7 @@ def _find_video(root: Path, stems: Sequence[str], suffixes: Sequence[str] = (".w
 _K400_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 
 
-def _parse_k400(p: Path, root: Path, classes: list[str] | None) -> _Parsed:
+def parse_k400(p: Path, root: Path, cfg: DataConfig, classes: list[str] | None) -> Parsed:
     """Official Kinetics csv; videos under ``<split>/<label>/``, ``<split>/`` or the root itself."""
     lines = _read_lines(p)
     reader = csv.DictReader(lines)
@@ -315,7 +336,7 @@ def _parse_k400(p: Path, root: Path, classes: list[str] | None) -> _Parsed:
         raise DatasetError(p, f"line 1: expected columns {','.join(_K400_COLUMNS)}[,split], got {lines[:1]}{hint}")
     rows = list(reader)
     names = classes if classes is not None else sorted({r["label"] for r in rows})
-    out = _Parsed(p, "k400", classes=names)
+    out = Parsed(p, "k400", classes=names)
     index = {name: i for i, name in enumerate(names)}
     for n, row in enumerate(rows, 2):
         where = f"line {n}"
@@ -336,14 +357,14 @@ def _parse_k400(p: Path, root: Path, classes: list[str] | None) -> _Parsed:
     return out
 
 
-def _parse_folder(d: Path, classes: list[str] | None) -> _Parsed:
+def parse_folder(d: Path, root: Path, cfg: DataConfig, classes: list[str] | None) -> Parsed:
     """``<class>/<video>`` trees; classes are the sorted sub-folder names (of the training folder)."""
     if not d.is_dir():
         raise DatasetError(d, "dataset folder not found")
     names = classes if classes is not None else sorted(x.name for x in d.iterdir() if x.is_dir())
     if not names:
         raise DatasetError(d, "no class sub-folders found; expected <root>/<class name>/<video files>")
-    out = _Parsed(d, "folder", classes=names)
+    out = Parsed(d, "folder", classes=names)
     for label, name in enumerate(names):
         sub = d / name
         if not sub.is_dir():
@@ -355,19 +376,65 @@ def _parse_folder(d: Path, classes: list[str] | None) -> _Parsed:
     return out
 
 
-def _guess_format(p: Path) -> str:
-    if p.is_dir():
-        return "folder"
-    if p.suffix.lower() == ".json":
-        return "ssv2"
-    lines = [ln for ln in _read_lines(p)[:20] if ln.strip() and not ln.lstrip().startswith("#")]
-    if lines and {"youtube_id", "label"} <= {x.strip() for x in lines[0].split(",")}:
-        return "k400"
-    data = lines[1:] if lines and _HEADER_WORDS & set(re.split(r"[,\s]+", lines[0].lower())) else lines
+def _is_k400(p: Path, head: list[str], root: Path) -> bool:
+    return bool(head) and {"youtube_id", "label"} <= {x.strip() for x in head[0].split(",")}
+
+
+def _is_rawframes(p: Path, head: list[str], root: Path) -> bool:
+    """``folder total_frames label`` lines whose folders are there. A ``path label`` list whose paths end in a
+    number reads the same (``v0 1 0``), so the folders on disk decide; while they are missing, say
+    ``format: rawframes``."""
+    data = head[1:] if head and _HEADER_WORDS & set(re.split(r"[,\s]+", head[0].lower())) else head
     three = [_split_line(ln.strip(), 3) for ln in data[:10]]
-    if three and all(len(q) == 3 and q[1].isdigit() and q[2].isdigit() for q in three):
-        return "rawframes"
-    return "list"
+    if not three or not all(len(q) == 3 and q[1].isdigit() and q[2].isdigit() for q in three):
+        return False
+    return any((root / q[0]).is_dir() for q in three)
+
+
+# ------------------------------------------------------------------------------------------ the registry
+
+FormatParser = Callable[[Path, Path, DataConfig, "list[str] | None"], Parsed]
+FormatDetector = Callable[[Path, "list[str]", Path], bool]
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """A registered annotation format: ``parse(source, root, cfg, classes)`` and, for ``format: auto``, an
+    optional ``detect(source, head, root)`` (``head``: the first non-comment lines of a file, [] for a folder;
+    ``root``: what the listed paths are relative to)."""
+
+    name: str
+    parse: FormatParser
+    detect: FormatDetector | None = None
+
+
+_FORMATS: dict[str, DatasetFormat] = {}
+
+
+def register_format(name: str, parse: FormatParser, detect: FormatDetector | None = None) -> None:
+    """Make ``DataConfig.format=name`` read annotations with ``parse``; ``detect`` joins auto-detection
+    (tried in registration order; a file no detector claims is read as a ``list``)."""
+    if name == "auto" or name in _FORMATS:
+        raise ValueError(f"dataset format {name!r} is already registered")
+    _FORMATS[name] = DatasetFormat(name, parse, detect)
+
+
+def dataset_formats() -> tuple[str, ...]:
+    """The values ``DataConfig.format`` accepts."""
+    return ("auto", *_FORMATS)
+
+
+register_format("folder", parse_folder, detect=lambda p, head, root: p.is_dir())
+register_format("ssv2", parse_ssv2, detect=lambda p, head, root: p.suffix.lower() == ".json")
+register_format("k400", parse_k400, detect=_is_k400)
+register_format("rawframes", parse_rawframes, detect=_is_rawframes)
+register_format("list", parse_list)
+
+
+def _guess_format(p: Path, root: Path) -> str:
+    head = [] if p.is_dir() or p.suffix.lower() == ".json" else \
+        [ln for ln in _read_lines(p)[:20] if ln.strip() and not ln.lstrip().startswith("#")]
+    return next((f.name for f in _FORMATS.values() if f.detect is not None and f.detect(p, head, root)), "list")
 
 
 # -------------------------------------------------------------------------------------------- building
@@ -392,16 +459,10 @@ def _split_source(cfg: DataConfig, split: str) -> Path:
                                         "(a list/json/csv file or folder)")
 
 
-def _parse(source: Path, cfg: DataConfig, classes: list[str] | None) -> _Parsed:
-    fmt = cfg.format if cfg.format != "auto" else _guess_format(source)
+def _parse(source: Path, cfg: DataConfig, classes: list[str] | None) -> Parsed:
     root = Path(cfg.root) if cfg.root else (source if source.is_dir() else source.parent)
-    if fmt in ("list", "rawframes"):
-        return _parse_list(source, root, rawframes=fmt == "rawframes")
-    if fmt == "ssv2":
-        return _parse_ssv2(source, root, str(_resolve(cfg.labels, cfg)) if cfg.labels else "")
-    if fmt == "k400":
-        return _parse_k400(source, root, classes)
-    return _parse_folder(source, classes)
+    fmt = cfg.format if cfg.format != "auto" else _guess_format(source, root)
+    return _FORMATS[fmt].parse(source, root, cfg, classes)
 
 
 def _known_classes(cfg: DataConfig, split: str) -> list[str] | None:
@@ -417,7 +478,7 @@ def _known_classes(cfg: DataConfig, split: str) -> list[str] | None:
     return None
 
 
-def _check_labels(parsed: _Parsed, classes: list[str] | None) -> None:
+def _check_labels(parsed: Parsed, classes: list[str] | None) -> None:
     if not parsed.samples and not parsed.errors:
         parsed.errors.append("no samples found (empty list)")
     if classes is None:
@@ -522,12 +583,15 @@ def _eval_views(frames: torch.Tensor, views: ViewSpec, size: int, cfg: DataConfi
 
 
 class VideoDataset(Dataset):
-    """Samples -> clips. Training items are (T, 3, size, size); evaluation items with ``views`` are
-    (clips*crops, T, 3, size, size) in clip-major order (view ``c * crops + k`` = clip c, crop k); evaluation
-    without views is one centre clip (T, 3, size, size).
+    """Samples -> :class:`~pks4.data.items.Item` clips. Training clips are (T, 3, size, size); evaluation clips
+    with ``views`` are (clips*crops, T, 3, size, size) in clip-major order (view ``c * crops + k`` = clip c,
+    crop k); evaluation without views is one centre clip (T, 3, size, size).
 
-    With ``cfg.skip_bad_videos`` an unreadable video yields None (use ``collate_skip_bad``) and is recorded
-    in ``bad``; in DataLoader worker processes the record stays in the worker, but a warning is emitted.
+    A video that cannot be read yields :class:`~pks4.data.items.Skipped` (path and reason), whatever
+    ``cfg.skip_bad_videos`` says: the reader of the batches decides whether that ends the run. With
+    ``skip_bad_videos`` any exception while reading or transforming counts as unreadable (one odd file must not
+    end a run mid-epoch), is recorded in ``bad`` (in the process that read it) and warned about; without it only
+    a :class:`DataError` does, and anything else (a bug) keeps its traceback.
     """
 
     def __init__(self, samples: list[Sample], classes: list[str], cfg: DataConfig, *, train: bool,
@@ -550,17 +614,26 @@ class VideoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict | None:
+    def __getitem__(self, i: int) -> Item | Skipped:
         sample = self.samples[i]
         try:
             video, label = self._load(sample)
-        except DataError as e:
-            if not self.cfg.skip_bad_videos:
+        except Exception as exc:  # noqa: BLE001 - becomes a Skipped naming the file, or is re-raised
+            if not (isinstance(exc, DataError) or self.cfg.skip_bad_videos):
                 raise
-            self.bad.append((sample.path, str(e)))
-            warnings.warn(f"skipping unreadable video: {e}", stacklevel=2)
-            return None
-        return {"video": video, "label": label, "index": i}
+            skipped = Skipped(sample.path, _reason(sample.path, exc))
+            if self.cfg.skip_bad_videos:
+                self.bad.append((skipped.path, skipped.reason))
+                warnings.warn(f"skipping unreadable video: {skipped}", stacklevel=2)
+            return skipped
+        return Item(video, label, i)
+
+    def with_shape(self, frames: int, size: int) -> "VideoDataset":
+        """The same samples loaded as ``frames`` x ``size`` clips, with the same field of view
+        (:func:`pks4.data.flex_sampler.data_config_at`): what flexible training and any-size evaluation read."""
+        views = replace(self.views, frames=frames) if self.views is not None else None
+        return VideoDataset(self.samples, self.classes, data_config_at(self.cfg, frames, size), train=self.train,
+                            views=views, flip_pairs=self._train_tf.flip_pairs, bad=self.bad)
 
     def _read(self, sample: Sample, choose: Callable[[int], list[int]]) -> torch.Tensor:
         if not self.cfg.cache_decoded or sample.num_frames is not None:
@@ -578,10 +651,14 @@ class VideoDataset(Dataset):
         return (video if self.views is not None else video[0]), sample.label
 
 
-def collate_skip_bad(batch: list[dict | None]) -> dict | None:
-    """Default collation after dropping None items (bad videos); None when the whole batch was bad."""
-    kept = [b for b in batch if b is not None]
-    return default_collate(kept) if kept else None
+def _reason(path: str, exc: BaseException) -> str:
+    """Why ``path`` gave no clip, without repeating the path the error message may start with."""
+    if isinstance(exc, VideoError) and exc.path == path:
+        return exc.reason
+    text = str(exc)
+    if not isinstance(exc, DataError):
+        return f"{type(exc).__name__}: {text}"
+    return text[len(path) + 2:] if text.startswith(f"{path}: ") else text
 
 
 def load_video_views(path: str | os.PathLike, num_frames: int, size: int, views: ViewSpec,
@@ -615,6 +692,8 @@ class CheckReport:
     short: int = 0  # videos with fewer frames than a clip (frames will repeat)
     skip_bad_videos: bool = False
     duplicates: list[str] = field(default_factory=list)  # repeated entries (reported, not an error)
+    # videos whose header disagrees with their packets (path, how): read from the frames that exist, not an error
+    mismatched: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
@@ -642,7 +721,9 @@ class CheckReport:
         if self.duplicates:
             out.append(f"  {len(self.duplicates)} duplicate entries (kept): " + "; ".join(self.duplicates[:5]))
         for title, items in (("annotation errors", self.errors), ("missing files", self.missing),
-                             ("unreadable videos", [f"{p}: {r}" for p, r in self.unreadable])):
+                             ("unreadable videos", [f"{p}: {r}" for p, r in self.unreadable]),
+                             ("videos whose header disagrees with their frames (read from the frames that exist)",
+                              [f"{p}: {r}" for p, r in self.mismatched])):
             if items:
                 out.append(f"  {len(items)} {title}:" + _listed(items).replace("\n  ", "\n    "))
         out.append("  OK" if self.ok else "  NOT OK: a training run on this data would fail"
@@ -688,6 +769,8 @@ def _check_one(s: Sample, cfg: DataConfig, report: CheckReport) -> None:
             info = probe_video(s.path)
             n = info.num_frames
             report.durations.append(info.duration)
+            if info.mismatch:
+                report.mismatched.append((s.path, info.mismatch))
     except DataError as e:
         report.unreadable.append((s.path, getattr(e, "reason", None) or getattr(e, "message", str(e))))
         return

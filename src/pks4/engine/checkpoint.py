@@ -10,6 +10,9 @@ A checkpoint is a directory ``<run>/checkpoints/step-00000120/`` holding
 
 Both files are written into a temporary directory, fsynced, and the directory is renamed into place, so a crash
 leaves either the old checkpoint or the new one, never half of one. ``best/`` is a copy of the best checkpoint.
+:func:`atomic_output` is that mechanism for any file or folder; a write that fails (a full disk, a file-size
+limit, a read-only file system) removes its temporary copy and raises an error naming the destination and the
+cause, leaving whatever was there before untouched.
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ import random
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -30,13 +34,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pks4.errors import UserError, describe_os_error
 from pks4.weights import LoadReport
 
 __all__ = [
     "CheckpointError", "WEIGHTS_FILE", "STATE_FILE", "save_checkpoint", "read_state", "read_weights",
-    "verify_checkpoint", "list_checkpoints", "find_latest", "resolve_checkpoint", "prune_checkpoints",
+    "verify_checkpoint", "list_checkpoints", "find_latest", "resolve_checkpoint", "checkpoint_dir",
+    "prune_checkpoints",
     "save_best", "unwrap", "rng_state", "set_rng_state", "load_weights_into", "load_model_from_checkpoint",
-    "describe_partial_load", "read_any_weights", "sweep_leftovers", "plain_state_dict",
+    "describe_partial_load", "read_any_weights", "sweep_leftovers", "plain_state_dict", "atomic_output",
+    "write_failure",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -44,7 +51,7 @@ STATE_FILE = "state.pt"
 _STEP_DIR = re.compile(r"step-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, truncated, unsafe or does not fit the model (the message names the file)."""
 
 
@@ -115,28 +122,84 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
 
 
+def write_failure(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write: raised directly, chained under torch's RuntimeError (torch.save to a
+    Python file), or named in safetensors' message ("os error 28"); None if the failure is something else."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    m = re.search(r"os error (\d+)", str(exc))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else None
+
+
+def _remove(path: Path) -> None:
+    """Remove a temporary file or folder if it is there; cleaning up must not hide the error that led here."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+@contextmanager
+def atomic_output(final: str | Path, *, directory: bool = False, what: str = "file",
+                  error: type[Exception] = CheckpointError) -> Iterator[Path]:
+    """Yield a temporary path beside ``final`` to write into (a folder when ``directory``); on success fsync it
+    and rename it into place, on any failure remove it.
+
+    A write that fails for a reason of the disk (full, quota, file-size limit, read-only, I/O error) becomes an
+    ``error`` naming ``final`` and the reason; whatever ``final`` held before is untouched. The temporary name
+    (``.tmp-<name>-<pid>``) is one :func:`sweep_leftovers` recognises after a crash.
+    """
+    final = Path(final)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)
+        if directory:
+            tmp.mkdir()
+        yield tmp
+        if directory:
+            for f in tmp.iterdir():
+                _fsync_file(f)
+            _fsync_dir(tmp)
+            _replace_dir(tmp, final)
+        else:
+            _fsync_file(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+    except BaseException as exc:
+        _remove(tmp)
+        cause = write_failure(exc) if isinstance(exc, Exception) else None
+        if cause is None:  # not a failing write (a bug, Ctrl-C): as it was
+            raise
+        free = shutil.disk_usage(final.parent).free if final.parent.is_dir() else None
+        room = f"; {free / 2**20:.0f} MiB free there" if free is not None else ""
+        raise error(f"{final}: could not write the {what}: {describe_os_error(cause)}{room}. Its temporary copy "
+                    "was removed; what was there before is untouched") from exc
+
+
 def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, state: dict[str, Any],
                     metadata: dict[str, Any]) -> Path:
     """Write ``model.safetensors`` + ``state.pt`` atomically into the directory ``ckpt_dir``.
 
     ``metadata`` (model_name, model_config, classes, config) goes into the safetensors header as JSON and into
     the state; ``state`` must hold only tensors and plain values (optimizer/scheduler state dicts, RNG, epoch).
+    A write that fails (disk full) raises CheckpointError and leaves the earlier checkpoints as they were.
     """
     final = Path(ckpt_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    weights = tmp / WEIGHTS_FILE
-    save_file(plain_state_dict(model), str(weights),
-              metadata={"format": "pks4", **{k: json.dumps(v) for k, v in metadata.items()}})
-    _fsync_file(weights)
-    full_state = {**state, **metadata, "format": 1, "weights_sha256": _sha256(weights),
-                  "weights_bytes": weights.stat().st_size}
-    torch.save(full_state, tmp / STATE_FILE)
-    _fsync_file(tmp / STATE_FILE)
-    _fsync_dir(tmp)
-    _replace_dir(tmp, final)
+    with atomic_output(final, directory=True, what="checkpoint") as tmp:
+        weights = tmp / WEIGHTS_FILE
+        save_file(plain_state_dict(model), str(weights),
+                  metadata={"format": "pks4", **{k: json.dumps(v) for k, v in metadata.items()}})
+        full_state = {**state, **metadata, "format": 1, "weights_sha256": _sha256(weights),
+                      "weights_bytes": weights.stat().st_size}
+        with open(tmp / STATE_FILE, "wb") as fh:  # a Python file: a failing write keeps its errno (write_failure)
+            torch.save(full_state, fh)
     return final
 
 
@@ -153,12 +216,9 @@ def _replace_dir(src: Path, dst: Path) -> None:
 def save_best(run_dir: str | Path, ckpt_dir: str | Path) -> Path:
     """Copy checkpoint ``ckpt_dir`` to ``<run>/checkpoints/best`` atomically."""
     best = Path(run_dir) / "checkpoints" / "best"
-    tmp = best.parent / f".tmp-best-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(ckpt_dir, tmp)
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    _replace_dir(tmp, best)
+    with atomic_output(best, directory=True, what="best checkpoint") as tmp:
+        tmp.rmdir()
+        shutil.copytree(ckpt_dir, tmp)
     return best
 
 
@@ -286,6 +346,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{p}: no such checkpoint file or run directory")
     raise CheckpointError(f"{p}: not a checkpoint (expected {WEIGHTS_FILE}, a checkpoint directory or a run "
                           "directory written by `pks4 train --out`)")
+
+
+def checkpoint_dir(path: Path) -> Path:
+    """What ``--resume PATH`` names: a checkpoint directory (or a file inside one), or a run directory (-> its
+    latest valid checkpoint)."""
+    if path.is_file() and path.name in (STATE_FILE, WEIGHTS_FILE):
+        return path.parent
+    if (path / STATE_FILE).is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        latest = find_latest(path)
+        if latest is None:
+            raise CheckpointError(f"{path}: run directory has no valid checkpoint to resume from")
+        return latest
+    what = "no such file or directory" if not path.exists() else "not a checkpoint directory"
+    raise CheckpointError(f"{path}: {what}; --resume takes 'auto', a checkpoint directory (holding "
+                          f"{WEIGHTS_FILE} and {STATE_FILE}) or a run directory; to start "
+                          "from a weights file set model.init_from instead")
 
 
 def load_weights_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str,

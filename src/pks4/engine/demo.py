@@ -18,8 +18,8 @@ from typing import Any, Optional
 
 import yaml
 
-from pks4.engine.config import (ConfigError, ModelConfig, RunConfig, apply_overrides, build_section,
-                                config_to_dict)
+from pks4.engine.config import (ConfigError, ModelConfig, RunConfig, apply_overrides, build_section, config_to_dict,
+                                parse_yaml, read_yaml)
 
 __all__ = ["DemoConfig", "load_demo_config", "run_demo", "train_and_evaluate"]
 
@@ -43,8 +43,8 @@ class DemoConfig:
 
 def load_demo_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DemoConfig:
     """The packaged ``demo.yaml`` (or ``path``) with ``key=value`` overrides (e.g. ``run.train.epochs=2``)."""
-    text = Path(path).read_text() if path else (resources.files("pks4") / "configs" / "demo.yaml").read_text()
-    values = yaml.safe_load(text) or {}
+    values = (read_yaml(path, "demo preset") if path else
+              parse_yaml((resources.files("pks4") / "configs" / "demo.yaml").read_text(), "demo.yaml")) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path or 'demo.yaml'}: expected a mapping at the top level")
     return apply_overrides(build_section(DemoConfig, values), list(overrides or []))

@@ -43,13 +43,18 @@ class WeightEMA:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """One step towards ``model``'s current weights (call after each optimizer step)."""
+    def update(self, model: nn.Module, skip: torch.Tensor | None = None) -> None:
+        """One step towards ``model``'s current weights (call after each optimizer step).
+
+        ``skip``: a 0-d device tensor, 1.0 when the optimizer dropped this step's update; the average then stays
+        where it is, decided on the device without reading the flag back (the step still advances the warm-up).
+        """
         d = self.current_decay()
+        weight: float | torch.Tensor = 1.0 - d if skip is None else (1.0 - skip) * (1.0 - d)
         # state_dict order is deterministic for a given architecture: zip pairs the same tensors.
         for avg, new in zip(self.module.state_dict().values(), model.state_dict().values()):
             if avg.dtype.is_floating_point:
-                avg.lerp_(new.detach().to(avg.dtype), 1.0 - d)
+                avg.lerp_(new.detach().to(avg.dtype), weight)
             else:
                 avg.copy_(new)
         self.updates += 1

@@ -4,8 +4,9 @@ The objective is :func:`pks4.models.videomamba_pretrain.masked_alignment_loss`: 
 CLS attention keeps 20% of each frame's patches visible (CLS always), the student runs only those tokens, and
 its decoded tokens are pulled towards the teacher's L2-normalised tokens with ``2 - 2 cos``. Labels are never
 read: any training list the classifier can read (the same datasets, the same augmentation) serves as unlabeled
-clips. The loop is the classifier's (:mod:`pks4.engine.train`): the same data loaders and per-item seeds,
-AdamW with the linear-warm-up cosine schedule stepped per optimizer step, AMP, DDP under ``torchrun``, atomic
+clips. The loop is the classifier's (:mod:`pks4.engine.loop`; this module supplies the :class:`AlignTask`): the
+same data loaders, per-item seeds and worker retry, AdamW with the linear-warm-up cosine schedule stepped per
+optimizer step, AMP, the weight average (``train.ema_decay``), the NaN policy, DDP under ``torchrun``, atomic
 checkpoints, SIGINT/SIGTERM saving, ``--resume auto``.
 
 **The teacher.** ``teacher.path`` (``--teacher``) loads real CLIP vision weights through
@@ -20,41 +21,37 @@ part, so a fine-tuning run starts from the student directly::
 
     pks4 train RECIPE.yaml --set model.overrides.pretrained=RUN/checkpoints/step-00001000
 
-(:func:`pks4.weights_videomamba.load_videomamba_checkpoint`: a new head, position embeddings resized to the
+(:func:`pks4.weights.videomamba.load_videomamba_checkpoint`: a new head, position embeddings resized to the
 fine-tuning frame count and size), or ``--set model.init_from=RUN --set model.partial_load=true`` for the same
 sizes. The last block, ``norm_f`` and the head receive no gradient from the alignment (the student is read at
 the residual stream entering its last block), so they are frozen here and start fine-tuning as initialised.
 """
 from __future__ import annotations
 
-import math
 import os
-import signal
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
-import torch.distributed as dist
-from torch import nn
-from torch.utils.data import DataLoader
+from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from pks4.data.datasets import DataConfig
 from pks4.engine import checkpoint as ckpt
 from pks4.engine.config import (ModelConfig, OptimConfig, RunConfig, TrainConfig,
                                 config_to_dict, format_config, load_section)
-from pks4.engine.optim import LRSchedule, build_optimizer, scaled_lr
-from pks4.engine.train import (Log, MetricsLog, _null, ReportBad, ResumableSampler, StopFlag, TrainingError, agree,
-                               amp_dtype_for, build_model, collate_report_bad, optimizer_step, plot_curves,
-                               raise_load_errors, restore_loop_state, resume_dir, save_loop_checkpoint,
-                               seed_everything, setup_distributed)
+from pks4.engine.loop import Loop, LoopSettings, RunResult, Task
+from pks4.engine.runtime import TrainingError, process_group, start_process
+from pks4.engine.train import build_model
 from pks4.models.clip_vit import CLIP_VIT_B16, CLIP_VIT_L14, CLIP_VIT_TINY, CLIPVisionTransformer
 from pks4.models.videomamba import FLIP_SCANS, VideoMamba
 from pks4.models.videomamba_pretrain import MaskedAlignmentStudent, masked_alignment_loss
 
-__all__ = ["TeacherConfig", "MaskConfig", "PretrainConfig", "PretrainResult", "load_pretrain_config",
-           "build_teacher", "build_student", "AlignmentObjective", "Pretrainer", "pretrain"]
+__all__ = ["TeacherConfig", "MaskConfig", "PretrainConfig", "load_pretrain_config", "build_teacher",
+           "build_student", "AlignTask", "build_pretrainer", "pretrain"]
+
+Log = Callable[[str], None]
 
 TEACHER_ARCHS = {"b16": CLIP_VIT_B16, "l14": CLIP_VIT_L14, "tiny": CLIP_VIT_TINY}
 
@@ -156,151 +153,36 @@ def build_student(cfg: PretrainConfig, teacher_dim: int, num_classes: int) -> Ma
     return student
 
 
-class AlignmentObjective(nn.Module):
-    """Student + frozen teacher -> loss, as one module so DistributedDataParallel sees the forward pass."""
+class AlignTask(Task):
+    """Masked alignment as a task of the training loop: the student (VideoMamba + alignment decoder) is trained,
+    the CLIP teacher stays frozen and in eval mode; checkpoints hold the VideoMamba as their weights and the
+    decoder in their state. No evaluation: the alignment loss is what the run reports."""
 
-    def __init__(self, student: MaskedAlignmentStudent, teacher: CLIPVisionTransformer) -> None:
+    def __init__(self, cfg: PretrainConfig, student: MaskedAlignmentStudent, teacher: CLIPVisionTransformer,
+                 train_set: Dataset, classes: list[str], log: Log) -> None:
         super().__init__()
-        self.student, self.teacher = student, teacher
+        self.cfg, self.student, self.teacher = cfg, student, teacher
+        self.train_set, self.classes, self.log = train_set, classes, log
 
-    def forward(self, clip: torch.Tensor) -> torch.Tensor:
-        return masked_alignment_loss(self.student, self.teacher, clip)
+    @property
+    def model(self) -> nn.Module:  # type: ignore[override]
+        return self.student.model
 
+    def describe(self) -> str:
+        return f"student {self.cfg.model.name} (with its alignment decoder; mask ratio {self.cfg.mask.ratio})"
 
-@dataclass
-class PretrainResult:
-    """What a finished (or stopped) pretraining run reports."""
+    def trainable(self) -> nn.Module:
+        return self.student
 
-    run_dir: Path
-    status: str  # "finished" | "interrupted" | "stopped"
-    epoch: int
-    global_step: int
-    last_loss: float | None
-    checkpoint: Path | None
-    skipped: list[str]
-    exit_code: int = 0
+    def train(self, mode: bool = True) -> "AlignTask":
+        super().train(mode)
+        self.teacher.eval()  # frozen: its dropout or norm statistics must not change with the student's mode
+        return self
 
+    def loss(self, inputs: dict[str, Tensor], geometry: Any = None) -> dict[str, Tensor]:
+        return {"align": masked_alignment_loss(self.student, self.teacher, inputs["video"])}
 
-# ------------------------------------------------------------------------------------------------ the loop
-
-
-class Pretrainer:
-    """Owns student, teacher, optimizer, schedule, data and run directory of one ``pks4 pretrain`` run."""
-
-    def __init__(self, cfg: PretrainConfig, resume: str | None = None, log: Log = print) -> None:
-        from pks4.data.datasets import build_dataset
-
-        self.cfg, self.run_dir = cfg, Path(cfg.out)
-        self.dist = setup_distributed(cfg.train.device)
-        self.log: Log = log if self.dist.is_main else (lambda msg: None)
-        seed_everything(cfg.train.seed + self.dist.rank, cfg.train.deterministic)
-        self.train_set = build_dataset(cfg.data, "train", train=True)
-        self.classes = [str(c) for c in self.train_set.classes]
-        self.teacher = build_teacher(cfg.teacher, self.log).to(self.dist.device)
-        self.student = build_student(cfg, _teacher_dim(self.teacher), cfg.model.num_classes or len(self.classes))
-        self.student.to(self.dist.device)
-        self.objective: nn.Module = AlignmentObjective(self.student, self.teacher)
-        if self.dist.distributed:
-            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-            self.objective = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
-        self._setup_data_and_optim()
-        self.amp_dtype = amp_dtype_for(cfg.train.amp, self.dist.device, cfg.train.cpu_amp)
-        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.amp_dtype == torch.float16)
-        self.epoch = self.batch_in_epoch = self.global_step = 0
-        self.skipped: list[str] = [": ".join(b) for b in getattr(self.train_set, "bad", [])]
-        self.last_loss: float | None = None
-        self.metrics = MetricsLog(self.run_dir, self.dist.is_main, cfg.train.tensorboard)
-        if resume:
-            self._resume(resume)
-
-    def _setup_data_and_optim(self) -> None:
-        o, t = self.cfg.optim, self.cfg.train
-        self.sampler = ResumableSampler(self.train_set, self.dist, shuffle=True, seed=t.seed)
-        shard = len(self.sampler.inner)
-        if shard == 0:
-            raise TrainingError(f"{self.cfg.data.train}: no training clips")
-        self.drop_last = shard >= 2 * t.batch_size  # constant batch shapes, unless the data is tiny
-        self.micro_per_epoch = shard // t.batch_size if self.drop_last else math.ceil(shard / t.batch_size)
-        self.steps_per_epoch = math.ceil(self.micro_per_epoch / t.accum_steps)
-        global_batch = t.batch_size * t.accum_steps * self.dist.world_size
-        self.peak_lr = scaled_lr(o.lr, global_batch) if o.scale_lr else o.lr
-        self.optimizer = build_optimizer(self.student, o, self.peak_lr)
-        self.scheduler = LRSchedule(self.optimizer, t.epochs * self.steps_per_epoch,
-                                    round(o.warmup_epochs * self.steps_per_epoch), self.peak_lr, o.min_lr,
-                                    o.schedule, o.decay_fraction)
-        trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
-        self.log(f"student {self.cfg.model.name}: {trainable / 1e6:.2f}M trainable parameters (decoder included); "
-                 f"{shard} clips per rank, global batch {global_batch}, peak lr {self.peak_lr:.3g}, "
-                 f"{self.steps_per_epoch} steps/epoch, mask ratio {self.cfg.mask.ratio}")
-
-    def _loader(self, epoch: int) -> DataLoader:
-        t = self.cfg.train
-        gen = torch.Generator().manual_seed(t.seed * 100_003 + epoch * 1_009 + self.dist.rank)
-        wrapped = ReportBad(self.train_set, t.seed, epoch, self.cfg.data.skip_bad_videos)
-        return DataLoader(wrapped, batch_size=t.batch_size, sampler=self.sampler, num_workers=t.num_workers,
-                          collate_fn=collate_report_bad, pin_memory=self.dist.device.type == "cuda",
-                          drop_last=self.drop_last, generator=gen)
-
-    # ---- one step -----------------------------------------------------------------------------------------
-    def _forward_backward(self, video: torch.Tensor, sync: bool, scale: float) -> torch.Tensor:
-        video = video.to(self.dist.device, non_blocking=True)
-        no_sync = self.dist.distributed and not sync
-        with self.objective.no_sync() if no_sync else _null():
-            with torch.autocast(self.dist.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                loss = self.objective(video)
-            self.scaler.scale(loss * scale).backward()
-        return loss.detach().float()
-
-    def _train_epoch(self, stop: StopFlag) -> str | None:
-        """Run the rest of epoch ``self.epoch``; return a stop status, or None when the epoch completed."""
-        t, epoch, accum = self.cfg.train, self.epoch, self.cfg.train.accum_steps
-        self.sampler.set_epoch(epoch, self.batch_in_epoch * t.batch_size)
-        self.student.train()
-        tic, clips, losses = time.perf_counter(), 0, []
-        for batch in raise_load_errors(self._loader(epoch)):
-            i = self.batch_in_epoch
-            self.batch_in_epoch += 1
-            group_end = (i + 1) % accum == 0 or i + 1 == self.micro_per_epoch
-            group = accum if i // accum < self.micro_per_epoch // accum else self.micro_per_epoch % accum
-            for path in (batch or {}).get("skipped", ()) or ():
-                self.skipped.append(str(path))
-                self.log(f"skipped unreadable video: {path}")
-            if batch is not None and "video" in batch:
-                losses.append(self._forward_backward(batch["video"], sync=group_end, scale=1.0 / group))
-                clips += len(batch["video"]) * self.dist.world_size
-            if not group_end:
-                continue
-            if agree(self.dist, any(not torch.isfinite(x) for x in losses))[0]:
-                raise TrainingError(f"non-finite alignment loss at epoch {epoch + 1}, step {self.global_step + 1} "
-                                    f"(batch {i + 1} of the epoch); lower optim.lr or enable optim.clip_grad, "
-                                    "then resume from the latest checkpoint")
-            lr = self.scheduler.get_lr()
-            optimizer_step(self, self.student.parameters())
-            if losses:
-                self.last_loss = float(torch.stack(losses).mean())
-            if self.global_step % t.log_every == 0 or i + 1 == self.micro_per_epoch:
-                rate = clips / max(1e-9, time.perf_counter() - tic)
-                self.metrics.write("train", self.global_step, epoch=epoch + (i + 1) / self.micro_per_epoch,
-                                   loss=self.last_loss, lr=lr, clips_per_s=rate)
-                self.log(f"epoch {epoch + 1} step {self.global_step}: alignment loss {self.last_loss:.4f}  "
-                         f"lr {lr:.3g}  {rate:.1f} clips/s")
-            losses = []
-            status = self._stop_status(stop)
-            if status is not None:
-                return status
-            if t.save_every_steps and self.global_step % t.save_every_steps == 0:
-                self._save()
-        self.epoch, self.batch_in_epoch = epoch + 1, 0
-        return None
-
-    def _stop_status(self, stop: StopFlag) -> str | None:
-        if agree(self.dist, stop.signum is not None)[0]:
-            return "interrupted"
-        limit = self.cfg.train.stop_after_steps
-        return "stopped" if limit is not None and self.global_step >= limit else None
-
-    # ---- checkpoints ---------------------------------------------------------------------------------------
-    def _metadata(self) -> dict[str, Any]:
+    def metadata(self) -> dict[str, Any]:
         model = self.student.model
         model_cfg = asdict(model.config)
         model_cfg["pretrained"] = ""  # the weights are in the checkpoint; do not re-read the init file
@@ -308,64 +190,39 @@ class Pretrainer:
                 "config": config_to_dict(_run_view(self.cfg)), "pretrain_config": config_to_dict(self.cfg),
                 "objective": "masked_alignment"}
 
-    def _save(self) -> Path:
-        return save_loop_checkpoint(self, self.student.model, self._metadata(),
-                                    decoder=ckpt.plain_state_dict(self.student.decoder),
-                                    last_loss=self.last_loss, best_top1=None)
+    def extra_state(self) -> dict[str, Any]:
+        return {"decoder": ckpt.plain_state_dict(self.student.decoder)}
 
-    def _resume(self, resume: str) -> None:
-        path = resume_dir(self, resume)
-        if path is None:
-            return
-        state = ckpt.verify_checkpoint(path)
+    def load_extra_state(self, state: dict[str, Any], source: Path) -> None:
         if "decoder" not in state:
-            raise ckpt.CheckpointError(f"{path / ckpt.STATE_FILE}: no alignment decoder: not a `pks4 pretrain` "
+            raise ckpt.CheckpointError(f"{source / ckpt.STATE_FILE}: no alignment decoder: not a `pks4 pretrain` "
                                        "checkpoint (fine-tune from it with `pks4 train` instead)")
-        tensors, _ = ckpt.read_weights(path / ckpt.WEIGHTS_FILE)
-        ckpt.load_weights_into(self.student.model, tensors, str(path / ckpt.WEIGHTS_FILE))
-        ckpt.load_weights_into(self.student.decoder, state["decoder"], f"{path / ckpt.STATE_FILE} [decoder]")
-        self.last_loss = state.get("last_loss")
-        restore_loop_state(self, state, path)
+        ckpt.load_weights_into(self.student.decoder, state["decoder"], f"{source / ckpt.STATE_FILE} [decoder]")
 
-    # ---- the run ------------------------------------------------------------------------------------------
-    def fit(self) -> PretrainResult:
-        """Pretrain until ``train.epochs`` (or a stop), saving every ``train.save_every`` epochs and at the end."""
-        t = self.cfg.train
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(format_config(self.cfg))
-        status, path = "finished", None
-        with StopFlag() as stop:
-            while self.epoch < t.epochs:
-                status = self._train_epoch(stop) or "finished"
-                if status != "finished":
-                    path = self._save()
-                    self.log(f"{status} at step {self.global_step}: checkpoint {path} (resume with --resume auto)")
-                    break
-                if self.epoch % t.save_every == 0 or self.epoch == t.epochs:
-                    path = self._save()
-        self.metrics.close()
-        if self.dist.is_main:
-            if self.metrics.path.is_file():
-                plot_curves(self.metrics.path, self.run_dir / "curves.png")
-            if self.skipped:
-                (self.run_dir / "skipped_videos.txt").write_text("\n".join(self.skipped) + "\n")
-                self.log(f"{len(self.skipped)} unreadable video(s) skipped, listed in skipped_videos.txt")
-            if path is not None:
-                self.log(f"student checkpoint {path}; fine-tune it with `pks4 train RECIPE.yaml "
-                         f"--set model.overrides.pretrained={path}`")
-        code = {"interrupted": 128 + (stop.signum or signal.SIGINT)}.get(status, 0)
-        return PretrainResult(self.run_dir, status, self.epoch, self.global_step, self.last_loss, path,
-                              list(self.skipped), code)
+    def finished(self, loop: Loop, checkpoint: Path | None) -> None:
+        if checkpoint is not None:
+            self.log(f"student checkpoint {checkpoint}; fine-tune it with `pks4 train RECIPE.yaml "
+                     f"--set model.overrides.pretrained={checkpoint}`")
 
 
-def pretrain(cfg: PretrainConfig, resume: str | None = None, log: Log = print) -> PretrainResult:
-    """Print the resolved config and run :class:`Pretrainer`; the process group is torn down afterwards."""
+def build_pretrainer(cfg: PretrainConfig, resume: str | None = None, log: Log = print) -> Loop:
+    """The training loop of one ``pks4 pretrain`` run, set up (and resumed, with ``resume``), not yet started."""
+    from pks4.data.datasets import build_dataset
+
+    dist_info = start_process(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
+    main_log: Log = log if dist_info.is_main else (lambda msg: None)
+    train_set = build_dataset(cfg.data, "train", train=True)
+    classes = [str(c) for c in train_set.classes]
+    teacher = build_teacher(cfg.teacher, main_log).to(dist_info.device)
+    student = build_student(cfg, _teacher_dim(teacher), cfg.model.num_classes or len(classes))
+    task = AlignTask(cfg, student.to(dist_info.device), teacher, train_set, classes, main_log)
+    settings = LoopSettings(cfg.train, cfg.optim, Path(cfg.out), cfg, cfg.data.skip_bad_videos)
+    return Loop(task, settings, dist_info, resume=resume, log=log)
+
+
+def pretrain(cfg: PretrainConfig, resume: str | None = None, log: Log = print) -> RunResult:
+    """Print the resolved config and run the pretraining; the process group is torn down afterwards."""
     if int(os.environ.get("RANK", "0")) == 0:
         log(format_config(cfg).rstrip())
-    try:
-        return Pretrainer(cfg, resume=resume, log=log).fit()
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
+    with process_group():
+        return build_pretrainer(cfg, resume=resume, log=log).fit()

@@ -13,10 +13,11 @@ operations it cannot see are counted analytically, per call, from the shapes:
   state element 4 multiplies (delta*A, B*(delta*u), decay*h + inject, C*h accumulated), per channel and step
   1 (delta*u) + 1 for the D skip + 1 for the silu(z) gate: batch*d_inner*L*(4*d_state + 3) multiply-adds.
   exp/softplus/silu themselves are not counted, as no activation is.
-* **the PKS4 correlation volume** (:func:`pks4.models.pks4.local_correlation`, Eq. 15): K * w^2 * C
+* **the PKS4 correlation volume** (:func:`pks4.models.pks4.correlation_scores`, Eq. 15): K * w^2 * C
   multiply-adds per token, the operator's own cost. The implementation may spend more (the fast path computes
   all N x N similarities with one matmul and gathers the windows: N / w^2 = 2.4x for 14x14 patches and 9x9),
-  so the call is replaced by a stand-in while counting and its internals are not counted.
+  so while counting, the operator's call (which torch function modes see, by its design) is answered by a
+  stand-in and its internals are not counted.
 
 Two switches reproduce the published tables (see ``benchmarks/README.md`` for the numbers):
 
@@ -32,9 +33,7 @@ Training compute: total = multiplier * forward FLOPs per clip * clips per epoch 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -54,7 +53,7 @@ from pks4.data.sampling import ViewSpec, parse_views
 
 __all__ = [
     "FlopConvention", "FlopReport", "count_flops", "profile_model", "training_compute", "attention_macs",
-    "scan_macs", "correlation_macs", "register_cpu_attention_formulas", "add_profile_parser", "run_profile",
+    "scan_macs", "correlation_macs", "register_cpu_attention_formulas", "format_profile",
     "build_model", "native_size", "PeakMemory", "time_call", "train_step_fn", "saved_activation_bytes",
     "TRAINING_FLOP_MULTIPLIER",
 ]
@@ -154,13 +153,25 @@ def _scan_standin(counter: FlopCounterMode) -> Callable:
     return selective_scan
 
 
-def _correlation_standin(counter: FlopCounterMode) -> Callable:
-    def local_correlation(f, offsets, window, pad):
-        b, t, h, w, c = f.shape
-        _add(counter, "correlation", correlation_macs(b * t * h * w, len(offsets), window, c))
-        return f.new_zeros(b, t, h, w, len(offsets) * window**2)
+class _CorrelationCounter(TorchFunctionMode):
+    """Counts each call of the PKS4 correlation operator from its shapes and returns zero scores of the right
+    shape: :func:`pks4.models.pks4.correlation_scores` takes part in torch's function-override protocol, so
+    the operator is seen here as one call, whichever path (``correlation`` config switch) would compute it."""
 
-    return local_correlation
+    def __init__(self, counter: FlopCounterMode) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from pks4.models.pks4 import correlation_scores
+
+        kwargs = kwargs or {}
+        if func is correlation_scores:
+            f, offsets, window = args[0], args[1], args[2]
+            b, t, h, w, c = f.shape
+            _add(self.counter, "correlation", correlation_macs(b * t * h * w, len(offsets), window, c))
+            return f.new_zeros(b, t, h, w, len(offsets) * window**2)
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -187,15 +198,12 @@ def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _run_counted(model: nn.Module, x: torch.Tensor, on_meta: bool) -> FlopCounterMode:
-    from pks4.models import pks4 as pks4_model
     from pks4.ssm.scan import selective_scan
 
     counter = FlopCounterMode(display=False)
     swaps = {selective_scan: _scan_standin(counter)}
-    for name in ("local_correlation", "local_correlation_ref"):  # the operator, whichever path computes it
-        if hasattr(pks4_model, name):
-            swaps[getattr(pks4_model, name)] = _correlation_standin(counter)
-    with _swap_functions(swaps), counter, _AttentionCounter(counter), torch.no_grad():
+    with _swap_functions(swaps), counter, _AttentionCounter(counter), _CorrelationCounter(counter), \
+            torch.no_grad():
         if on_meta:
             torch.func.functional_call(model, _meta_state(model), (x.to("meta"),), strict=False)
         else:
@@ -507,37 +515,9 @@ def training_compute(model_name: str, frames: int, epochs: float, dataset_size: 
     return multiplier * per_clip * dataset_size * epochs / 1e18
 
 
-# ---- command line -------------------------------------------------------------------------------------------
-def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``pks4 profile`` on an argparse sub-parser collection."""
-    p = subparsers.add_parser("profile", help="parameters, FLOPs, latency, memory and training compute of a model")
-    p.add_argument("model", metavar="MODEL", help="registered model name (see `pks4 models`)")
-    p.add_argument("--frames", type=int, help="frames per view (default: from --views, else the model's)")
-    p.add_argument("--size", type=int, help="input resolution (default: the model's)")
-    p.add_argument("--num-classes", type=int)
-    p.add_argument("--views", default=None, help="FRAMESxCLIPSxCROPS, e.g. 8x2x3 (gflops_total = x clips x crops)")
-    p.add_argument("--batch", type=int, default=1, help="clips per forward pass for latency and memory")
-    p.add_argument("--train", action="store_true", help="also time one training step and its peak memory")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--flops-only", action="store_true", help="skip timing and memory (counts on the meta device)")
-    p.add_argument("--no-attention-flops", action="store_true",
-                   help="leave attention out of the FLOPs (the convention of PKS4's published GFLOPs)")
-    p.add_argument("--no-mamba-inner-flops", action="store_true",
-                   help="count only Mamba in/out projections (the convention of VideoMamba's published GFLOPs)")
-    p.add_argument("--training-compute", action="store_true", help="print total training EFLOPs instead")
-    p.add_argument("--epochs", type=float, help="training epochs (with --training-compute)")
-    p.add_argument("--dataset-size", type=int, help="training clips per epoch (with --training-compute)")
-    p.add_argument("--flop-multiplier", type=float, default=TRAINING_FLOP_MULTIPLIER,
-                   help="training FLOPs per clip = this x forward FLOPs (default 6, PKS4 Table 2)")
-    p.add_argument("--visible-fraction", type=float, default=1.0, help="masked pretraining: fraction of tokens seen")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run_profile)
-    return p
-
-
-def _format_text(r: dict[str, Any]) -> str:
+# ---- the report as text --------------------------------------------------------------------------------------
+def format_profile(r: dict[str, Any]) -> str:
+    """A :func:`profile_model` report as the text ``pks4 profile`` prints."""
     lines = [f"{r['model']}  frames {r['frames']}  size {r['size']}  views {r['views']}  batch {r['batch']}",
              f"params            {r['params'] / 1e6:.2f}M ({r['trainable_params'] / 1e6:.2f}M trainable)",
              f"GFLOPs per view   {r['gflops_per_view']:.2f}   total ({r['views']}) {r['gflops_total']:.2f}"]
@@ -550,29 +530,3 @@ def _format_text(r: dict[str, Any]) -> str:
     if r.get("train_activation_mb") is not None:
         lines.append(f"{'saved activations':<18}{r['train_activation_mb']:.0f} MiB (kept for the backward pass)")
     return "\n".join(lines)
-
-
-def run_profile(args: argparse.Namespace) -> int:
-    """``pks4 profile``: print the profile (or the training compute) of one registered model."""
-    convention = FlopConvention(count_attention=not args.no_attention_flops,
-                                count_mamba_inner=not args.no_mamba_inner_flops)
-    views = parse_views(args.views) if args.views else None
-    frames = args.frames or (views.frames if views else None)
-    if args.training_compute:
-        if args.epochs is None or args.dataset_size is None:
-            raise ValueError("--training-compute needs --epochs and --dataset-size")
-        frames = frames or getattr(build_model(args.model, device="meta").config, "num_frames", 8)
-        size = args.size or 224
-        eflops = training_compute(args.model, frames, args.epochs, args.dataset_size, size, args.flop_multiplier,
-                                  args.visible_fraction, convention)
-        report = {"model": args.model, "frames": frames, "size": size, "epochs": args.epochs,
-                  "dataset_size": args.dataset_size, "multiplier": args.flop_multiplier,
-                  "visible_fraction": args.visible_fraction, "training_eflops": eflops}
-        print(json.dumps(report) if args.json else f"{args.model}: {eflops:.4f} EFLOPs of training compute")
-        return 0
-    device = "meta" if args.flops_only else args.device
-    model = build_model(args.model, frames=frames, size=args.size, num_classes=args.num_classes, device=device)
-    r = profile_model(model, frames=frames, size=args.size, batch=args.batch, views=views, train=args.train,
-                      repeats=args.repeats, warmup=args.warmup, convention=convention, timing=not args.flops_only)
-    print(json.dumps(r) if args.json else _format_text(r))
-    return 0

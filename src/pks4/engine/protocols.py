@@ -1,7 +1,8 @@
 """Evaluation protocols of StretchySnake (§5): the resolution x frames grid (Table 1), video retrieval,
 linear probing on frozen features (Table 2) and 2-D embedding maps (Fig. 4), for any checkpoint.
 
-Every protocol runs the model at a chosen (T, H) and patch policy through :mod:`pks4.flex`, and classifies
+Every protocol runs the model at a chosen (T, H) and patch policy (the token geometry of
+:func:`pks4.models.base.geometry_for`, passed to the model's forward), and classifies
 through :func:`pks4.engine.infer.run_views` (the one inference path). Accuracies are percentages.
 
 * Retrieval: features of the training set are the gallery, validation clips the queries; a query is a hit
@@ -12,10 +13,8 @@ through :func:`pks4.engine.infer.run_views` (the one inference path). Accuracies
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,57 +22,60 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from pks4.data.flex_sampler import data_config_at, resized_video_dataset
 from pks4.engine.infer import aggregate_views, run_views
-from pks4.flex import data_config_at, flex_patch, inference_shape, resized_video_dataset
+from pks4.data.flex_sampler import data_config_at, resized_video_dataset
+from pks4.engine.loader import BatchStream, LoaderOptions, sequential_stream
+from pks4.layers.geometry import TokenGeometry
+from pks4.models.base import at_geometry, geometry_for
 
 __all__ = [
     "GridResult", "parse_grid", "extract_features", "classify", "eval_grid", "write_grid", "plot_grid",
     "retrieval_topk", "retrieval", "ProbeResult", "linear_probe", "project_2d", "plot_embedding", "embed",
-    "add_grid_arguments", "run_grid", "add_protocol_parsers", "run_retrieval", "run_linear_probe", "run_embed",
+    "patch_policy", "CheckpointData", "load_checkpoint_data",
 ]
 
 
 # ---- running a model at one (T, H) ----------------------------------------------------------------------------
-def _loader(dataset: Dataset, frames: int | None, size: int | None, batch_size: int, num_workers: int) -> DataLoader:
-    from pks4.data.datasets import collate_skip_bad
-
+def _loader(dataset: Dataset, frames: int | None, size: int | None, batch_size: int, num_workers: int,
+            skip_bad: bool) -> BatchStream:
     if frames is not None and size is not None:
         dataset = resized_video_dataset(dataset, frames, size)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate_skip_bad)
+    return sequential_stream(dataset, batch_size, LoaderOptions(num_workers), skip_bad=skip_bad)
 
 
-def _shape_of(model: nn.Module, video: Tensor, policy: str | int):
-    """(N, T, 3, H, W) or (N, V, T, 3, H, W) -> the FlexShape the policy gives for its (T, H, W)."""
+def _shape_of(model: nn.Module, video: Tensor, policy: str | int, kernel_resize: str) -> TokenGeometry:
+    """(N, T, 3, H, W) or (N, V, T, 3, H, W) -> the token geometry the policy gives for its (T, H, W)."""
     t, h, w = video.shape[-4], video.shape[-2], video.shape[-1]
-    return inference_shape(model, t, min(h, w), policy)
+    return geometry_for(model, t, min(h, w), policy, kernel_resize=kernel_resize)
 
 
 @torch.no_grad()
 def extract_features(model: nn.Module, dataset: Dataset, *, frames: int | None = None, size: int | None = None,
                      policy: str | int = "native", batch_size: int = 8, num_workers: int = 0,
-                     kernel_resize: str = "bicubic") -> tuple[Tensor, Tensor, Tensor]:
+                     kernel_resize: str = "bicubic", skip_bad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Clip embeddings ``model.forward_features`` (B, D) of every item, averaged over test views.
 
     Returns (features (N, D) float32 on CPU, labels (N,), dataset indices (N,)). ``frames``/``size`` load the
-    dataset at that shape (see :func:`pks4.flex.resized_video_dataset`); None keeps the dataset's own.
+    dataset at that shape (see :func:`pks4.data.flex_sampler.resized_video_dataset`); None keeps the dataset's
+    own. ``skip_bad``: leave unreadable videos out (else the first one ends the run, named).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     feats, labels, indices = [], [], []
-    for batch in _loader(dataset, frames, size, batch_size, num_workers):
-        if batch is None:
+    for batch in _loader(dataset, frames, size, batch_size, num_workers, skip_bad):
+        if batch.video is None:
             continue
-        video = batch["video"]
+        video = batch.video
         views = video if video.ndim == 6 else video.unsqueeze(1)  # (N, V, T, 3, H, W)
-        with flex_patch(model, _shape_of(model, views, policy), kernel_resize):
-            f = model.forward_features(views.flatten(0, 1).to(device)).float()
+        geometry = _shape_of(model, views, policy, kernel_resize)
+        f = model.forward_features(views.flatten(0, 1).to(device), geometry=geometry).float()
         feats.append(f.view(views.shape[0], views.shape[1], -1).mean(1).cpu())
-        labels.append(torch.as_tensor(batch["label"]).long())
-        indices.append(torch.as_tensor(batch["index"]).long())
+        labels.append(batch.label)
+        indices.append(batch.index)
     model.train(was_training)
     if not feats:
         raise ValueError(f"no readable clips in {type(dataset).__name__} ({len(dataset)} items)")
@@ -83,19 +85,19 @@ def extract_features(model: nn.Module, dataset: Dataset, *, frames: int | None =
 @torch.no_grad()
 def classify(model: nn.Module, dataset: Dataset, *, frames: int | None = None, size: int | None = None,
              policy: str | int = "native", batch_size: int = 8, num_workers: int = 0,
-             kernel_resize: str = "bicubic") -> dict[str, float]:
+             kernel_resize: str = "bicubic", skip_bad: bool = False) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) of the model's own head at one (T, H): softmax per view, then the mean."""
     from pks4.engine.infer import topk_accuracy
 
     was_training = model.training
     model.eval()
     probs, labels = [], []
-    for batch in _loader(dataset, frames, size, batch_size, num_workers):
-        if batch is None:
+    for batch in _loader(dataset, frames, size, batch_size, num_workers, skip_bad):
+        if batch.video is None:
             continue
-        with flex_patch(model, _shape_of(model, batch["video"], policy), kernel_resize):
-            probs.append(aggregate_views(run_views(model, batch["video"], chunk=batch_size)).cpu())
-        labels.append(torch.as_tensor(batch["label"]).long())
+        at_shape = at_geometry(model, _shape_of(model, batch.video, policy, kernel_resize))
+        probs.append(aggregate_views(run_views(at_shape, batch.video, chunk=batch_size)).cpu())
+        labels.append(batch.label)
     model.train(was_training)
     acc = topk_accuracy(torch.cat(probs), torch.cat(labels), (1, 5))
     return {"top1": acc[1], "top5": acc[5], "samples": float(sum(len(y) for y in labels))}
@@ -116,10 +118,11 @@ def retrieval_topk(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery
 
 def retrieval(model: nn.Module, gallery: Dataset, queries: Dataset, *, frames: int | None = None,
               size: int | None = None, policy: str | int = "native", ks: Sequence[int] = (1, 5),
-              batch_size: int = 8, num_workers: int = 0, kernel_resize: str = "bicubic") -> dict[str, float]:
+              batch_size: int = 8, num_workers: int = 0, kernel_resize: str = "bicubic",
+              skip_bad: bool = False) -> dict[str, float]:
     """Video retrieval (§5.2): gallery = training clips, queries = validation clips, both at (T, H)."""
     kw = dict(frames=frames, size=size, policy=policy, batch_size=batch_size, num_workers=num_workers,
-              kernel_resize=kernel_resize)
+              kernel_resize=kernel_resize, skip_bad=skip_bad)
     g, gy, _ = extract_features(model, gallery, **kw)
     q, qy, _ = extract_features(model, queries, **kw)
     return {f"top{k}": v for k, v in retrieval_topk(q, qy, g, gy, ks).items()}
@@ -241,7 +244,7 @@ def parse_grid(items: Sequence[str]) -> tuple[list[int], list[int]]:
 def eval_grid(model: nn.Module, dataset: Dataset, frames: Sequence[int], sizes: Sequence[int], *,
               policy: str | int = "native", metric: str = "top1", gallery: Dataset | None = None,
               batch_size: int = 8, num_workers: int = 0, seen: Sequence[tuple[int, int]] = (),
-              log: Any = None, kernel_resize: str = "bicubic") -> GridResult:
+              log: Any = None, kernel_resize: str = "bicubic", skip_bad: bool = False) -> GridResult:
     """Evaluate one checkpoint at every (T, H) of frames x sizes (Table 1).
 
     ``metric``: "top1" (the model's head) or "retrieval" (top-1 nearest neighbour against ``gallery`` encoded
@@ -252,7 +255,8 @@ def eval_grid(model: nn.Module, dataset: Dataset, frames: Sequence[int], sizes: 
     if metric == "retrieval" and gallery is None:
         raise ValueError("eval_grid(metric='retrieval') needs a gallery dataset (the training clips)")
     values = np.full((len(frames), len(sizes)), np.nan)
-    kw = dict(policy=policy, batch_size=batch_size, num_workers=num_workers, kernel_resize=kernel_resize)
+    kw = dict(policy=policy, batch_size=batch_size, num_workers=num_workers, kernel_resize=kernel_resize,
+              skip_bad=skip_bad)
     for i, t in enumerate(frames):
         for j, s in enumerate(sizes):
             if metric == "top1":
@@ -356,12 +360,12 @@ def plot_embedding(xy: np.ndarray, labels: np.ndarray, classes: Sequence[str] | 
 def embed(model: nn.Module, dataset: Dataset, out_path: str | Path, *, frames: int | None = None,
           size: int | None = None, policy: str | int = "native", classes: Sequence[str] | None = None,
           batch_size: int = 8, num_workers: int = 0, methods: Sequence[str] | None = None,
-          kernel_resize: str = "bicubic") -> dict[str, Path]:
+          kernel_resize: str = "bicubic", skip_bad: bool = False) -> dict[str, Path]:
     """Write clip embeddings to ``out_path`` (.npz: features, labels, indices; or .safetensors) and one 2-D
     map PNG per method next to it (``<stem>_pca.png``, ``<stem>_tsne.png``)."""
     feats, labels, indices = extract_features(model, dataset, frames=frames, size=size, policy=policy,
                                               batch_size=batch_size, num_workers=num_workers,
-                                              kernel_resize=kernel_resize)
+                                              kernel_resize=kernel_resize, skip_bad=skip_bad)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".safetensors":
@@ -382,123 +386,42 @@ def embed(model: nn.Module, dataset: Dataset, out_path: str | Path, *, frames: i
     return paths
 
 
-# ---- command line (wired into pks4.cli) ---------------------------------------------------------------------------
-def _add_shape_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--patch-policy", default="native",
-                   help="native (stored patch size) | static_tokens (patch flexed to keep the token grid) | N")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def add_grid_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``pks4 eval --grid frames=8,16,32,64 size=96,112,128,192,224,288,384``."""
-    p.add_argument("--grid", nargs="+", metavar="KEY=LIST", help="evaluate over frames x sizes (Table 1)")
-    p.add_argument("--grid-metric", default="top1", choices=("top1", "retrieval"))
-    p.add_argument("--patch-policy", default="native",
-                   help="native | static_tokens | N (patch size used at every grid cell)")
-
-
-def add_protocol_parsers(sub: Any) -> None:
-    """Sub-commands ``retrieval``, ``linear-probe`` and ``embed`` on an argparse sub-parser set."""
-    specs = (("retrieval", "video retrieval: training clips as gallery, validation clips as queries", run_retrieval),
-             ("linear-probe", "logistic regression on frozen clip features", run_linear_probe),
-             ("embed", "write clip embeddings and a 2-D map coloured by class", run_embed))
-    for name, help_text, func in specs:
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--checkpoint", required=True, help="checkpoint file/dir or run dir (uses its best)")
-        p.add_argument("--train-data", help="gallery / probe-training list (default: the run's training list)")
-        p.add_argument("--data", help="query / evaluation list (default: the run's validation list)")
-        p.add_argument("--data-root", help="root the lists' paths are relative to")
-        p.add_argument("--frames", type=int, help="clip length (default: the run's)")
-        p.add_argument("--size", type=int, help="frame size (default: the run's)")
-        _add_shape_args(p)
-        if name == "linear-probe":
-            p.add_argument("--steps", type=int, default=300)
-            p.add_argument("--weight-decay", type=float, default=1e-4)
-        if name == "embed":
-            p.add_argument("--out", required=True, help="features file (.npz or .safetensors); PNGs go beside it")
-            p.add_argument("--split", default="val", choices=("train", "val"))
-        p.set_defaults(func=func)
-
-
-def _policy(text: str) -> str | int:
+# ---- a checkpoint and its data -----------------------------------------------------------------------------------
+def patch_policy(text: str | int) -> str | int:
+    """``--patch-policy`` text: "native", "static_tokens" or a patch size."""
     return int(text) if str(text).isdigit() else text
 
 
-def _load(args: argparse.Namespace, splits: Sequence[str]
-          ) -> tuple[nn.Module, Any, list[str], dict[str, Dataset], Any]:
-    """(model, data config at the asked (T, H), class names, datasets by split, the run's RunConfig)."""
-    from dataclasses import replace
+@dataclass
+class CheckpointData:
+    """A checkpoint's model with the datasets a protocol runs on: ``data_cfg`` is the data config at the asked
+    (T, H), ``run`` the checkpoint's own run config."""
 
+    model: nn.Module
+    data_cfg: Any
+    classes: list[str]
+    datasets: dict[str, Dataset]
+    run: Any
+
+
+def load_checkpoint_data(checkpoint: str, splits: Sequence[str], *, device: str = "auto", data: str | None = None,
+                         train_data: str | None = None, data_root: str | None = None, frames: int | None = None,
+                         size: int | None = None) -> CheckpointData:
+    """Rebuild the model of ``checkpoint`` and read its evaluation datasets (``splits``: "train" / "val").
+
+    ``data`` / ``train_data`` replace the run's validation / training lists (paths then relative to
+    ``data_root``, default the list's folder); ``frames`` / ``size`` load clips at that shape, the test-time short
+    side scaled with the size.
+    """
     from pks4.data.datasets import build_dataset
     from pks4.engine.checkpoint import load_model_from_checkpoint
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, cfg, classes = load_model_from_checkpoint(args.checkpoint, map_location=device)
-    given = bool(getattr(args, "data", None) or getattr(args, "train_data", None))
-    data_cfg = replace(cfg.data, train=getattr(args, "train_data", None) or cfg.data.train,
-                       val=getattr(args, "data", None) or cfg.data.val,
-                       root=args.data_root if args.data_root is not None else ("" if given else cfg.data.root))
-    if getattr(args, "frames", None) or getattr(args, "size", None):  # short side scaled with the size
-        data_cfg = data_config_at(data_cfg, args.frames or None, args.size or None)
-    data = {s: build_dataset(data_cfg, s, train=False) for s in splits}
-    return model, data_cfg, classes, data, cfg
-
-
-def _emit(args: argparse.Namespace, report: dict[str, Any], text: str) -> int:
-    print(json.dumps(report) if args.json else text)
-    return 0
-
-
-def _trained_cells(run: Any) -> list[tuple[int, int]]:
-    """(T, H) cells a run trained at (outlined in the grid, Table 1's grey cells): its flex ranges or its size."""
-    f, d = run.flex, run.data
-    if f.mode == "none":
-        return [(d.num_frames, d.size)]
-    sizes = {"temporal": [d.size], "flexivit": [f.flexivit_size]}.get(f.mode, list(f.sizes))
-    return [(int(t), int(s)) for t in f.frames for s in sizes]
-
-
-def run_grid(args: argparse.Namespace) -> int:
-    """``pks4 eval --checkpoint C --grid frames=... size=... [--out DIR]``: table, CSV and heat map."""
-    frames, sizes = parse_grid(args.grid)
-    args.train_data = None
-    args.frames = args.size = None
-    splits = ("train", "val") if args.grid_metric == "retrieval" else ("val",)
-    model, _, _, data, run = _load(args, splits)
-    result = eval_grid(model, data["val"], frames, sizes, policy=_policy(args.patch_policy),
-                       metric=args.grid_metric, gallery=data.get("train"), batch_size=args.batch_size or 8,
-                       num_workers=args.workers, seen=_trained_cells(run), kernel_resize=run.flex.kernel_resize)
-    paths = write_grid(result, args.out or ".", "grid") if args.out else {}
-    report = {"grid": result.to_rows(), "spread": result.spread, **{k: str(v) for k, v in paths.items()}}
-    return _emit(args, report, result.to_markdown())
-
-
-def run_retrieval(args: argparse.Namespace) -> int:
-    model, cfg, _, data, run = _load(args, ("train", "val"))
-    res = retrieval(model, data["train"], data["val"], policy=_policy(args.patch_policy), ks=(1, 5),
-                    batch_size=args.batch_size, num_workers=args.workers, kernel_resize=run.flex.kernel_resize)
-    report = {**res, "frames": cfg.num_frames, "size": cfg.size, "policy": args.patch_policy}
-    return _emit(args, report, f"retrieval top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  "
-                               f"({cfg.num_frames} frames, {cfg.size} px, patch {args.patch_policy})")
-
-
-def run_linear_probe(args: argparse.Namespace) -> int:
-    model, cfg, classes, data, run = _load(args, ("train", "val"))
-    kw = dict(policy=_policy(args.patch_policy), batch_size=args.batch_size, num_workers=args.workers,
-              kernel_resize=run.flex.kernel_resize)
-    xt, yt, _ = extract_features(model, data["train"], **kw)
-    xv, yv, _ = extract_features(model, data["val"], **kw)
-    res = linear_probe(xt, yt, xv, yv, num_classes=len(classes), steps=args.steps, weight_decay=args.weight_decay)
-    report = {"top1": res.top1, "train_top1": res.train_top1, "frames": cfg.num_frames, "size": cfg.size}
-    return _emit(args, report, f"linear probe top-1 {res.top1:.2f} (train {res.train_top1:.2f})")
-
-
-def run_embed(args: argparse.Namespace) -> int:
-    model, _, classes, data, run = _load(args, (args.split,))
-    paths = embed(model, data[args.split], args.out, policy=_policy(args.patch_policy), classes=classes,
-                  batch_size=args.batch_size, num_workers=args.workers, kernel_resize=run.flex.kernel_resize)
-    report = {k: str(v) for k, v in paths.items()}
-    return _emit(args, report, "\n".join(f"{k}: {v}" for k, v in report.items()))
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    model, cfg, classes = load_model_from_checkpoint(checkpoint, map_location=device)
+    given = bool(data or train_data)
+    data_cfg = replace(cfg.data, train=train_data or cfg.data.train, val=data or cfg.data.val,
+                       root=data_root if data_root is not None else ("" if given else cfg.data.root))
+    if frames or size:  # short side scaled with the size
+        data_cfg = data_config_at(data_cfg, frames or None, size or None)
+    datasets = {s: build_dataset(data_cfg, s, train=False) for s in splits}
+    return CheckpointData(model, data_cfg, classes, datasets, cfg)

@@ -12,7 +12,7 @@
   frozen by default: only the adapters and the head train (7.1M trainable for B/16 with bottleneck 384, the
   paper's "7M").
 
-Both take clips (B, T, 3, H, W) and offer the interface of :class:`pks4.models.pks4.PKS4Model`.
+Both take clips (B, T, 3, H, W) and meet the video-model contract of :mod:`pks4.models.base`.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from pks4.layers.geometry import TokenGeometry
 from pks4.layers.posembed import resize_temporal_pos_embed
 from pks4.models.clip_vit import CLIP_VIT_B16, CLIP_VIT_L14, CLIPVisionConfig, CLIPVisionTransformer, ClipVideoHooks
 from pks4.models.pks4_variants import TINY_BACKBONE
@@ -36,7 +37,7 @@ class JointViTConfig:
     num_classes: int = 174
     num_frames: int = 8  # length of the learned temporal embedding; other T interpolate it linearly
     head_dropout: float = 0.0
-    pretrained: str = ""  # CLIP checkpoint for the backbone; "" = random init
+    pretrained: str = ""  # CLIP checkpoint the builder (pks4.weights.create_model) reads first; "" = random init
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):
@@ -56,7 +57,7 @@ class STAdapterConfig:
     adapter_kernel_t: int = 3  # temporal extent of the depthwise Conv3d kernel (t, 1, 1)
     freeze_backbone: bool = True  # ST-Adapter trains adapters + head only
     head_dropout: float = 0.0
-    pretrained: str = ""
+    pretrained: str = ""  # CLIP checkpoint the builder (pks4.weights.create_model) reads first; "" = random init
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):
@@ -72,11 +73,6 @@ class _ClipVideoModel(ClipVideoHooks, nn.Module):
         super().__init__()
         self.config, self.model_name = cfg, model_name
         self.backbone = CLIPVisionTransformer(cfg.backbone)
-        if cfg.pretrained:
-            from pks4.weights import load_pretrained_backbone  # weights reads files; models stay import-light
-
-            loaded = load_pretrained_backbone(cfg.pretrained, image_size=cfg.backbone.image_size)
-            self.backbone.load_state_dict(loaded.state_dict())
         self.head_drop = nn.Dropout(cfg.head_dropout)
         self.head = nn.Linear(cfg.backbone.output_dim or cfg.backbone.width, cfg.num_classes)
         nn.init.normal_(self.head.weight, std=0.02)
@@ -91,11 +87,11 @@ class JointSpaceTimeViT(_ClipVideoModel):
         self.temporal_embedding = nn.Parameter(torch.zeros(cfg.num_frames, cfg.backbone.width))
         self.temporal_embedding._no_weight_decay = True
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor, *, geometry: TokenGeometry | None = None) -> Tensor:
         """x (B, T, 3, H, W) -> ln_post(CLS) @ proj (B, D)."""
         self._check_input(x)
         b, t = x.shape[:2]
-        tokens = self.backbone.embed(x.flatten(0, 1))  # (B*T, 1+N, D), every frame with its own CLS copy
+        tokens = self.backbone.embed(x.flatten(0, 1), geometry)  # (B*T, 1+N, D), each frame with its own CLS
         tokens = tokens.view(b, t, *tokens.shape[1:])
         pos_t = self.temporal_embedding
         if t != pos_t.shape[0]:
@@ -105,6 +101,13 @@ class JointSpaceTimeViT(_ClipVideoModel):
         seq = torch.cat([cls, patches.flatten(1, 2)], dim=1)  # 'b t n d -> b (t n) d', CLS first
         seq = self.backbone.forward_blocks(seq)  # joint attention over 1 + T*N tokens
         return self.backbone.forward_head(self.backbone.forward_head_tokens(seq))
+
+    @torch.no_grad()
+    def _resize_frames(self, frames: int) -> None:
+        """The learned temporal embedding is re-stored for ``frames`` steps (linear, as at run time)."""
+        pos_t = resize_temporal_pos_embed(self.temporal_embedding.detach(), frames)
+        self.temporal_embedding = nn.Parameter(pos_t.clone())
+        self.temporal_embedding._no_weight_decay = True
 
 
 class STAdapter(nn.Module):
@@ -143,12 +146,12 @@ class STAdapterViT(_ClipVideoModel):
         x = self.adapters[i](tokens.view(-1, t, *tokens.shape[1:]), grid_hw).flatten(0, 1)
         return self.backbone.blocks[i](x)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor, *, geometry: TokenGeometry | None = None) -> Tensor:
         """x (B, T, 3, H, W) -> temporal average of the per-frame image embeddings (B, D)."""
         self._check_input(x)
         b, t = x.shape[:2]
-        grid_hw = self.backbone.grid_size(x.shape[-2], x.shape[-1])
-        tokens = self.backbone.embed(x.flatten(0, 1))  # (B*T, 1+N, D)
+        grid_hw = self.backbone.grid_size(x.shape[-2], x.shape[-1], geometry)
+        tokens = self.backbone.embed(x.flatten(0, 1), geometry)  # (B*T, 1+N, D)
         for i in range(self.backbone.num_blocks):
             if self.backbone.grad_checkpointing and torch.is_grad_enabled():
                 tokens = torch.utils.checkpoint.checkpoint(self._block, i, tokens, t, grid_hw, use_reentrant=False)
@@ -160,14 +163,16 @@ class STAdapterViT(_ClipVideoModel):
 
 MODELS = {
     "vit_b16_joint": ModelSpec(JointSpaceTimeViT, JointViTConfig, dict(backbone=CLIP_VIT_B16),
-                               "CLIP ViT-B/16 with joint space-time attention (TimeSformer-joint)"),
+                               "CLIP ViT-B/16 with joint space-time attention (TimeSformer-joint)", "clip_tower"),
     "vit_tiny_joint": ModelSpec(JointSpaceTimeViT, JointViTConfig, dict(backbone=TINY_BACKBONE, num_classes=10),
-                                "tiny joint space-time attention ViT"),
+                                "tiny joint space-time attention ViT", "clip_tower"),
     "stadapter_vit_b16": ModelSpec(STAdapterViT, STAdapterConfig, dict(backbone=CLIP_VIT_B16, adapter_dim=384),
-                                   "ST-Adapter (depthwise 3D-conv adapter in every block) on frozen CLIP ViT-B/16"),
+                                   "ST-Adapter (depthwise 3D-conv adapter in every block) on frozen CLIP ViT-B/16",
+                                   "clip_tower"),
     "stadapter_vit_l14": ModelSpec(STAdapterViT, STAdapterConfig, dict(backbone=CLIP_VIT_L14, adapter_dim=384),
-                                   "ST-Adapter on frozen CLIP ViT-L/14 (19.1M trainable; PKS4 Table 1: 20M)"),
+                                   "ST-Adapter on frozen CLIP ViT-L/14 (19.1M trainable; PKS4 Table 1: 20M)",
+                                   "clip_tower"),
     "stadapter_vit_tiny": ModelSpec(STAdapterViT, STAdapterConfig,
                                     dict(backbone=TINY_BACKBONE, adapter_dim=64, num_classes=10),
-                                    "tiny ST-Adapter ViT"),
+                                    "tiny ST-Adapter ViT", "clip_tower"),
 }

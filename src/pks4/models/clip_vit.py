@@ -7,14 +7,16 @@ one-to-one (see ``pks4.weights``). The token tensor is reachable between any two
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from pks4.layers.posembed import resize_pos_embed_2d
+from pks4.layers.geometry import NativeGeometry, TokenGeometry, patch_embed
+from pks4.layers.posembed import resize_patch_kernel, resize_pos_embed_2d
 from pks4.layers.vit import LayerNorm, ResidualAttentionBlock
+from pks4.models.base import check_ranges
 
 __all__ = [
     "CLIPVisionConfig",
@@ -40,8 +42,15 @@ class CLIPVisionConfig:
     quick_gelu: bool = True  # OpenAI weights were trained with QuickGELU and need it
     ln_eps: float = 1e-5
     drop_path: float = 0.0  # maximum stochastic-depth rate, increased linearly over depth
+    # A pretrained checkpoint fixes the activation (and eps, heads) where its files state them: a contradicting
+    # request is refused by the builder (pks4.weights.create_model) unless this is set.
+    force_activation: bool = False
 
     def __post_init__(self) -> None:
+        check_ranges(self, at_least_one=("image_size", "patch_size", "width", "layers", "heads"),
+                     positive=("mlp_ratio", "ln_eps"), rates=("drop_path",))
+        if self.output_dim is not None and self.output_dim < 1:
+            raise ValueError(f"CLIPVisionConfig.output_dim={self.output_dim!r}; expected an int >= 1 or None")
         if self.image_size % self.patch_size != 0:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads != 0:
@@ -96,12 +105,20 @@ class CLIPVisionTransformer(nn.Module):
         """Recompute each block in the backward pass instead of storing its activations."""
         self.grad_checkpointing = enable
 
-    def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Patch grid (H/p, W/p) for an input of height x width pixels."""
+    def token_layout(self, height: int, width: int, geometry: TokenGeometry | None = None
+                     ) -> tuple[int, tuple[int, int]]:
+        """(patch size, patch grid) for an input of height x width pixels: the stored patch size and
+        (H/p, W/p), or what ``geometry`` asks for (:class:`pks4.layers.geometry.TokenGeometry`)."""
+        if geometry is not None and not geometry.is_plain:
+            return geometry.layout(height, width, self.cfg.patch_size)
         p = self.cfg.patch_size
         if height % p or width % p:
             raise ValueError(f"input size {height}x{width} is not a multiple of the patch size {p}")
-        return height // p, width // p
+        return p, (height // p, width // p)
+
+    def grid_size(self, height: int, width: int, geometry: TokenGeometry | None = None) -> tuple[int, int]:
+        """Patch grid (gh, gw) for an input of height x width pixels (see :meth:`token_layout`)."""
+        return self.token_layout(height, width, geometry)[1]
 
     def pos_embed_for(self, grid_hw: tuple[int, int]) -> torch.Tensor:
         """Position embedding (1 + H*W, D) for a patch grid, bicubically resized when it is not the native one."""
@@ -110,12 +127,17 @@ class CLIPVisionTransformer(nn.Module):
             return self.positional_embedding
         return resize_pos_embed_2d(self.positional_embedding, grid_hw, (g, g), num_prefix=1, mode="bicubic")
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) -> tokens (B, 1 + N, D): patches, CLS first, position embedding, ln_pre."""
+    def embed(self, images: torch.Tensor, geometry: TokenGeometry | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) -> tokens (B, 1 + N, D): patches, CLS first, position embedding, ln_pre.
+
+        ``geometry`` embeds with another patch size and token grid (StretchySnake Eq. 4-5): the stored kernel
+        and position embedding are resized inside this call, so gradients reach them.
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        grid_hw = self.grid_size(images.shape[-2], images.shape[-1])
-        x = self.conv1(images.to(self.conv1.weight.dtype))  # (B, D, H/p, W/p)
+        patch, grid_hw = self.token_layout(images.shape[-2], images.shape[-1], geometry)
+        method = geometry.kernel_resize if geometry is not None else "bicubic"
+        x = patch_embed(images, self.conv1.weight, self.conv1.bias, patch, grid_hw, method)  # (B, D, gh, gw)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D), row-major over the grid
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
@@ -142,24 +164,41 @@ class CLIPVisionTransformer(nn.Module):
         """ln_post(CLS) (B, D) -> image embedding (B, output_dim) = features @ proj (identity if no proj)."""
         return features if self.proj is None else features @ self.proj
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, images: torch.Tensor, *, geometry: TokenGeometry | None = None) -> torch.Tensor:
         """images (B, 3, H, W) -> ln_post(CLS) (B, D), before the projection."""
-        return self.forward_head_tokens(self.forward_blocks(self.embed(images)))
+        return self.forward_head_tokens(self.forward_blocks(self.embed(images, geometry)))
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor, *, geometry: TokenGeometry | None = None) -> torch.Tensor:
         """CLIP's image embedding (B, output_dim), unnormalised like ``CLIP.encode_image``."""
-        return self.forward_head(self.forward_features(images))
+        return self.forward_head(self.forward_features(images, geometry=geometry))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encode_image(images)
+    def forward(self, images: torch.Tensor, *, geometry: TokenGeometry | None = None) -> torch.Tensor:
+        return self.encode_image(images, geometry=geometry)
+
+    @torch.no_grad()
+    def resize(self, size: int | None = None, patch: int | None = None, kernel_resize: str = "bicubic") -> None:
+        """Re-store the tower for ``size`` px frames cut into ``patch`` px patches (None keeps the value), in
+        place: the patch kernel is resized (Eq. 4) and the position embedding follows the new grid (Eq. 5)."""
+        size = self.cfg.image_size if size is None else int(size)
+        patch = self.cfg.patch_size if patch is None else int(patch)
+        cfg = replace(self.cfg, image_size=size, patch_size=patch)  # validates size % patch
+        kernel = self.conv1.weight
+        if patch != kernel.shape[-1]:
+            kernel = resize_patch_kernel(kernel, patch, kernel_resize)
+        pos = self.pos_embed_for((cfg.grid, cfg.grid))
+        self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=patch, stride=patch, bias=False,
+                               device=kernel.device, dtype=kernel.dtype)
+        self.conv1.weight.copy_(kernel)
+        self.positional_embedding = nn.Parameter(pos.detach().clone())
+        self.cfg = cfg
 
 
 
 class ClipVideoHooks:
-    """The engine-facing interface shared by the video classifiers built on this tower (PKS4, the frame-average,
-    joint-attention and ST-Adapter baselines). The class using it sets ``config`` (with ``backbone`` and
-    ``num_classes``), ``model_name``, ``backbone`` (this tower), ``head_drop`` and ``head``, and defines
-    ``forward_features``."""
+    """The video-model contract (:class:`pks4.models.base.VideoModel`) shared by the classifiers built on this
+    tower (PKS4, the frame-average, joint-attention and ST-Adapter baselines). The class using it sets
+    ``config`` (with ``backbone``, ``num_frames`` and ``num_classes``), ``model_name``, ``backbone`` (this
+    tower), ``head_drop`` and ``head``, and defines ``forward_features(x, *, geometry=None)``."""
 
     @property
     def num_classes(self) -> int:
@@ -177,11 +216,32 @@ class ClipVideoHooks:
         """The linear classifier on the pooled clip feature (PKS4 Eq. 9)."""
         return self.head(self.head_drop(feat))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, *, geometry: TokenGeometry | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, geometry=geometry))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)
+
+    def native_geometry(self) -> NativeGeometry:
+        b = self.config.backbone
+        return NativeGeometry(frames=self.config.num_frames, size=b.image_size, patch=b.patch_size)
+
+    def resize(self, frames: int | None = None, size: int | None = None, patch: int | None = None,
+               kernel_resize: str = "bicubic") -> None:
+        """Re-store the model for another native geometry, in place (what a fine-tune at another size does;
+        build the optimizer afterwards): the tower's kernel and position embedding (see
+        :meth:`CLIPVisionTransformer.resize`) and anything stored per frame; the config follows."""
+        if frames is not None and (isinstance(frames, bool) or int(frames) < 1):
+            raise ValueError(f"{self.model_name}.resize: frames={frames!r}; expected an int >= 1")
+        if size is not None or patch is not None:
+            self.backbone.resize(size, patch, kernel_resize)
+            self.config.backbone = self.backbone.cfg
+        if frames is not None:
+            self._resize_frames(int(frames))
+            self.config.num_frames = int(frames)
+
+    def _resize_frames(self, frames: int) -> None:
+        """Models that run frame by frame store nothing per frame; the joint-attention ViT overrides this."""
 
     def no_weight_decay(self) -> set[str]:
         names = {"backbone.class_embedding", "backbone.positional_embedding"}

@@ -1,9 +1,13 @@
 """Model registry: every variant is a name, a builder, a config class and a few lines of defaults.
 
-``create_model(name, **overrides)`` builds a model; overrides may name fields of the model config or of a
-nested config (``image_size=64`` reaches the backbone config of a PKS4 model). ``model_from_config`` rebuilds a
-model from the dictionary saved in a checkpoint. Model files declare their variants in a ``MODELS`` dict of
-:class:`ModelSpec`; the registry merges those dicts (see ``_MODEL_FILES``).
+``create_model(name, **overrides)`` builds a randomly initialised model; overrides may name fields of the model
+config or of a nested config (``image_size=64`` reaches the backbone config of a PKS4 model).
+``model_from_config`` rebuilds a model from the dictionary saved in a checkpoint. Model files declare their
+variants in a ``MODELS`` dict of :class:`ModelSpec`; the registry merges those dicts (see ``_MODEL_FILES``).
+
+Pretrained weights are read by the builder one layer up, ``pks4.weights.create_model(name, pretrained=...)``,
+which reads the checkpoint first and builds from what it says (``ModelSpec.checkpoint`` names its reader);
+the functions here refuse a config that names ``pretrained`` rather than build it with random weights.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ class ModelSpec:
     config_cls: type
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    checkpoint: str = ""  # which reader of pks4.weights loads a `pretrained` file: "clip_tower" | "videomamba"
 
 
 def _registry() -> dict[str, ModelSpec]:
@@ -80,21 +85,41 @@ def _apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     return dataclasses.replace(cfg, **direct)
 
 
+def build_config(name: str, overrides: dict[str, Any]) -> Any:
+    """The config of registered model ``name``: its defaults, then ``overrides`` (see the module docstring)."""
+    spec = get_spec(name)
+    return _apply_overrides(spec.config_cls(**spec.defaults), overrides)
+
+
+def config_from_dict(name: str, config: dict[str, Any]) -> Any:
+    """The config of ``name`` from ``dataclasses.asdict(model.config)`` as saved in a checkpoint."""
+    try:
+        return get_spec(name).config_cls(**config)
+    except TypeError as err:
+        raise ValueError(f"saved config does not fit model {name!r}: {err}") from err
+
+
+def build(name: str, cfg: Any) -> nn.Module:
+    """Registered model ``name`` built from its config, with random weights (whatever ``pretrained`` says)."""
+    return get_spec(name).builder(cfg, name)
+
+
+def _random_init(name: str, cfg: Any) -> nn.Module:
+    if getattr(cfg, "pretrained", ""):
+        raise ValueError(f"model {name!r} names pretrained={cfg.pretrained!r}: pretrained weights are read by "
+                         "pks4.weights.create_model / model_from_config (pks4.create_model), which read the "
+                         "checkpoint first")
+    return build(name, cfg)
+
+
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build registered model ``name`` with its defaults, then ``overrides`` (see the module docstring)."""
-    spec = get_spec(name)
-    cfg = _apply_overrides(spec.config_cls(**spec.defaults), overrides)
-    return spec.builder(cfg, name)
+    return _random_init(name, build_config(name, overrides))
 
 
 def model_from_config(name: str, config: dict[str, Any]) -> nn.Module:
     """Rebuild a model from ``dataclasses.asdict(model.config)`` as saved in a checkpoint."""
-    spec = get_spec(name)
-    try:
-        cfg = spec.config_cls(**config)
-    except TypeError as err:
-        raise ValueError(f"saved config does not fit model {name!r}: {err}") from err
-    return spec.builder(cfg, name)
+    return _random_init(name, config_from_dict(name, config))
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

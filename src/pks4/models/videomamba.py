@@ -7,7 +7,7 @@
   ("B-Mamba": RMSNorm, the residual added in fp32 before the norm), a final norm and a linear head on CLS.
   Registry names ``videomamba_tiny/small/middle`` as in the official code; parameter names equal the
   released checkpoints (``cls_token, pos_embed, temporal_pos_embedding, patch_embed.proj, layers.i.norm,
-  layers.i.mixer.*, norm_f, head``), so those load 1:1 through :mod:`pks4.weights_videomamba`.
+  layers.i.mixer.*, norm_f, head``), so those load 1:1 through :mod:`pks4.weights.videomamba`.
 * **Park et al.** (ECCV 2024, "VideoMamba: Spatio-Temporal Selective State Space Model"), §4: d = 384,
   24 blocks, 2x16x16 tubelets, a CLS token, ONE position embedding over all n_t*n_h*n_w video tokens
   (§4.2, Table 3) and the spatio-temporal forward/backward SSM with three backward orders (§4.4, Table 2).
@@ -47,15 +47,17 @@ Readings where the papers leave room (each is a config field):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from pks4.layers.posembed import resize_pos_embed_2d, resize_temporal_pos_embed
+from pks4.layers.geometry import NativeGeometry, TokenGeometry, patch_embed
+from pks4.layers.posembed import resize_patch_kernel, resize_pos_embed_2d, resize_temporal_pos_embed
 from pks4.layers.rmsnorm import RMSNorm
 from pks4.layers.vit import DropPath
+from pks4.models.base import check_ranges
 from pks4.models.registry import ModelSpec
 from pks4.ssm.mixer import MambaMixer
 
@@ -98,7 +100,8 @@ class VideoMambaConfig:
     head_dropout: float = 0.0
     init: str = "mamba"  # "mamba" | "official" (module docstring)
     scan_backend: str = "auto"
-    pretrained: str = ""  # official / pks4 VideoMamba checkpoint to start from; its head is re-initialised
+    pretrained: str = ""  # official / pks4 VideoMamba checkpoint the builder (pks4.weights.create_model) loads
+    # after building the model; its head is re-initialised
 
     def __post_init__(self) -> None:
         checks = (("scan", self.scan, SCAN_ORDERS), ("pos_embed", self.pos_embed, POS_EMBEDS),
@@ -107,6 +110,9 @@ class VideoMambaConfig:
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ValueError(f"VideoMambaConfig.{name}={value!r}; expected one of {allowed}")
+        check_ranges(self, at_least_one=("patch_size", "image_size", "num_frames", "tubelet", "embed_dim", "depth",
+                                         "num_classes", "in_chans", "d_state", "d_conv", "expand"),
+                     positive=("norm_eps",), rates=("drop_path", "head_dropout"))
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.num_frames % self.tubelet:
@@ -236,14 +242,17 @@ class VideoMambaBlock(nn.Module):
 
 # ---- the model --------------------------------------------------------------------------------------------
 class PatchEmbed3d(nn.Module):
-    """Conv3d over (tubelet x patch x patch) cubes: (B, C, T, H, W) -> (B, T', H', W', D)."""
+    """Conv3d over (tubelet x patch x patch) cubes: (B, C, T, H, W) -> (B, D, T', H', W').
+
+    ``patch`` and ``grid_hw`` other than the stored ones resize the kernel (StretchySnake Eq. 4, see
+    :func:`pks4.layers.geometry.patch_embed`)."""
 
     def __init__(self, in_chans: int, dim: int, patch: int, tubelet: int) -> None:
         super().__init__()
         self.proj = nn.Conv3d(in_chans, dim, (tubelet, patch, patch), stride=(tubelet, patch, patch))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).permute(0, 2, 3, 4, 1)
+    def forward(self, x: Tensor, patch: int, grid_hw: tuple[int, int], kernel_resize: str = "bicubic") -> Tensor:
+        return patch_embed(x, self.proj.weight, self.proj.bias, patch, grid_hw, kernel_resize)
 
 
 class VideoMamba(nn.Module):
@@ -275,8 +284,6 @@ class VideoMamba(nn.Module):
         self.grad_checkpointing = False
         self._plans: dict[tuple, list[_ScanPlan]] = {}
         self.reset_parameters()
-        if cfg.pretrained:
-            self._load_pretrained(cfg.pretrained)
 
     def _make_mixer(self) -> MambaMixer:
         c = self.config
@@ -305,11 +312,6 @@ class VideoMamba(nn.Module):
             # Without a CLS position embedding a zero CLS stays zero: its own gate z = in_proj(0) = 0 closes
             # the mixer output at that position in every block, so the head would read a constant.
             nn.init.trunc_normal_(self.cls_token, std=0.02)
-
-    def _load_pretrained(self, path: str) -> None:
-        from pks4.weights_videomamba import load_videomamba_checkpoint  # weights reads files; models stay light
-
-        load_videomamba_checkpoint(self, path, reinit_head=True)
 
     # ---- properties the engine reads ----------------------------------------------------------------------
     @property
@@ -343,20 +345,35 @@ class VideoMamba(nn.Module):
         video = spatial[:, 1:].unsqueeze(1) + temporal.unsqueeze(2)  # (1, n_t, h*w, D): p_s + p_t (Eq. 7)
         return video.flatten(1, 2).to(dtype), spatial[:, :1].to(dtype)
 
-    def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
-        """Clip (B, T, 3, H, W) -> tokens (B, 1 + n_t*h*w, D) in the canonical layout, and (n_t, h, w)."""
+    def token_layout(self, x: Tensor, geometry: TokenGeometry | None = None) -> tuple[int, tuple[int, int]]:
+        """(patch size, token grid) for a clip (B, T, C, H, W): the stored patch and (H/p, W/p), or what
+        ``geometry`` asks for; checks the clip's shape."""
         c = self.config
         if x.dim() != 5 or x.shape[2] != c.in_chans:
             raise ValueError(f"{self.model_name} expects clips (B, T, {c.in_chans}, H, W), got {tuple(x.shape)}")
         t, h, w = x.shape[1], x.shape[-2], x.shape[-1]
+        if geometry is not None and not geometry.is_plain:
+            if t % c.tubelet:
+                raise ValueError(f"{self.model_name} expects clips (B, T, {c.in_chans}, H, W) with T divisible by "
+                                 f"the tubelet {c.tubelet}, got {tuple(x.shape)}")
+            return geometry.layout(h, w, c.patch_size)
         if t % c.tubelet or h % c.patch_size or w % c.patch_size:
             raise ValueError(f"{self.model_name}: clip {tuple(x.shape)} needs T divisible by the tubelet "
                              f"{c.tubelet} and H, W by the patch size {c.patch_size}")
-        weight = self.patch_embed.proj.weight
-        tokens = self.patch_embed(x.transpose(1, 2).to(weight.dtype))  # (B, n_t, h, w, D)
-        b, n_t, gh, gw, d = tokens.shape
-        tokens = tokens.reshape(b, n_t * gh * gw, d)  # spatial-first: frame after frame
-        return self.with_positions_and_cls(tokens, n_t, (gh, gw)), (n_t, gh, gw)
+        return c.patch_size, (h // c.patch_size, w // c.patch_size)
+
+    def embed(self, x: Tensor, geometry: TokenGeometry | None = None) -> tuple[Tensor, tuple[int, int, int]]:
+        """Clip (B, T, 3, H, W) -> tokens (B, 1 + n_t*h*w, D) in the canonical layout, and (n_t, h, w).
+
+        ``geometry`` embeds with another patch size and token grid (StretchySnake Eq. 4-6): the stored kernel and
+        position embeddings are resized inside this call, so gradients reach them.
+        """
+        patch, grid_hw = self.token_layout(x, geometry)
+        method = geometry.kernel_resize if geometry is not None else "bicubic"
+        tokens = self.patch_embed(x.transpose(1, 2), patch, grid_hw, method)  # (B, D, n_t, h, w)
+        n_t = tokens.shape[2]
+        tokens = tokens.flatten(2).transpose(1, 2)  # 'b d t h w -> b (t h w) d', spatial-first
+        return self.with_positions_and_cls(tokens, n_t, grid_hw), (n_t, *grid_hw)
 
     def with_positions_and_cls(self, tokens: Tensor, n_t: int, grid: tuple[int, int]) -> Tensor:
         """Patch tokens (B, n_t*h*w, D), spatial-first -> position embeddings added, CLS token (with its own
@@ -398,25 +415,54 @@ class VideoMamba(nn.Module):
         residual = hidden if residual is None else residual + self.drop_path_f(hidden)
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
 
-    def forward_tokens(self, x: Tensor) -> Tensor:
+    def forward_tokens(self, x: Tensor, *, geometry: TokenGeometry | None = None) -> Tensor:
         """Clip -> every token after norm_f (B, 1 + n_t*h*w, D), CLS first (used by self-distillation)."""
-        tokens, (n_t, gh, gw) = self.embed(x)
+        tokens, (n_t, gh, gw) = self.embed(x, geometry)
         hidden, residual = self.forward_blocks(tokens, self.scan_plans(n_t, gh * gw, tokens.device))
         return self.final_norm(hidden, residual)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor, *, geometry: TokenGeometry | None = None) -> Tensor:
         """Pooled clip feature (B, D): the normalised CLS token."""
-        return self.forward_tokens(x)[:, 0]
+        return self.forward_tokens(x, geometry=geometry)[:, 0]
 
     def forward_head(self, feat: Tensor) -> Tensor:
         return self.head(self.head_drop(feat))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: Tensor, *, geometry: TokenGeometry | None = None) -> Tensor:
+        return self.forward_head(self.forward_features(x, geometry=geometry))
 
-    # ---- what the engine asks of every model ----------------------------------------------------------
+    # ---- what the engine asks of every model (pks4.models.base.VideoModel) ---------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    def native_geometry(self) -> NativeGeometry:
+        c = self.config
+        return NativeGeometry(frames=c.num_frames, size=c.image_size, patch=c.patch_size, tubelet=c.tubelet)
+
+    @torch.no_grad()
+    def resize(self, frames: int | None = None, size: int | None = None, patch: int | None = None,
+               kernel_resize: str = "bicubic") -> None:
+        """Re-store the model for another native geometry, in place (what a fine-tune at another size does;
+        build the optimizer afterwards): the tubelet kernel (Eq. 4), the spatial (bicubic) and temporal (linear)
+        position embeddings or Park's joint one; the config follows."""
+        old = self.config
+        new = replace(old, num_frames=old.num_frames if frames is None else int(frames),
+                      image_size=old.image_size if size is None else int(size),
+                      patch_size=old.patch_size if patch is None else int(patch))  # validates the new shape
+        proj = self.patch_embed.proj
+        kernel = proj.weight if new.patch_size == old.patch_size else resize_patch_kernel(
+            proj.weight, new.patch_size, kernel_resize)
+        self.patch_embed = PatchEmbed3d(new.in_chans, new.embed_dim, new.patch_size, new.tubelet).to(kernel)
+        self.patch_embed.proj.weight.copy_(kernel)
+        self.patch_embed.proj.bias.copy_(proj.bias)
+        (g0, g1), (t0, t1) = (old.grid, new.grid), (old.num_temporal, new.num_temporal)
+        if new.pos_embed == "separable" and g1 != g0:
+            self.pos_embed = nn.Parameter(resize_pos_embed_2d(self.pos_embed, (g1, g1), (g0, g0), num_prefix=1))
+        if new.pos_embed == "separable" and t1 != t0:
+            self.temporal_pos_embedding = nn.Parameter(resize_temporal_pos_embed(self.temporal_pos_embedding, t1))
+        if new.pos_embed == "joint" and (t1, g1) != (t0, g0):
+            self.pos_embed = nn.Parameter(resize_joint_pos_embed(self.pos_embed, (t0, g0, g0), (t1, g1, g1)))
+        self.config = new
 
     def no_weight_decay(self) -> set[str]:
         names = {n for n in ("cls_token", "pos_embed", "temporal_pos_embedding") if hasattr(self, n)}
@@ -440,17 +486,16 @@ _PARK = dict(embed_dim=384, depth=24, tubelet=2, num_frames=16, pos_embed="joint
              scan="spatiotemporal_reversal", inflate="repeat_avg")
 _MICRO = dict(embed_dim=64, depth=4, patch_size=8, image_size=64, num_frames=8, num_classes=10)
 
+def _spec(defaults: dict, description: str) -> ModelSpec:
+    return ModelSpec(VideoMamba, VideoMambaConfig, defaults, description, checkpoint="videomamba")
+
+
 MODELS = {
-    "videomamba_tiny": ModelSpec(VideoMamba, VideoMambaConfig, dict(embed_dim=192, depth=24),
-                                 "VideoMamba-Ti (Li et al.): d 192, 24 blocks, 1x16x16 tubelets"),
-    "videomamba_small": ModelSpec(VideoMamba, VideoMambaConfig, dict(embed_dim=384, depth=24),
-                                  "VideoMamba-S (Li et al.): d 384, 24 blocks"),
-    "videomamba_middle": ModelSpec(VideoMamba, VideoMambaConfig, dict(embed_dim=576, depth=32),
-                                   "VideoMamba-M (Li et al.): d 576, 32 blocks"),
-    "videomamba_park": ModelSpec(VideoMamba, VideoMambaConfig, _PARK,
-                                 "VideoMamba (Park et al.): d 384, 24 blocks, 2x16x16 tubelets, joint pos-embed"),
-    "videomamba_li_micro": ModelSpec(VideoMamba, VideoMambaConfig, dict(_MICRO),
-                                     "tiny Li-style VideoMamba for tests and the CPU demo"),
-    "videomamba_park_micro": ModelSpec(VideoMamba, VideoMambaConfig, {**_PARK, **_MICRO},
-                                       "tiny Park-style VideoMamba for tests and the CPU demo"),
+    "videomamba_tiny": _spec(dict(embed_dim=192, depth=24),
+                             "VideoMamba-Ti (Li et al.): d 192, 24 blocks, 1x16x16 tubelets"),
+    "videomamba_small": _spec(dict(embed_dim=384, depth=24), "VideoMamba-S (Li et al.): d 384, 24 blocks"),
+    "videomamba_middle": _spec(dict(embed_dim=576, depth=32), "VideoMamba-M (Li et al.): d 576, 32 blocks"),
+    "videomamba_park": _spec(_PARK, "VideoMamba (Park et al.): d 384, 24 blocks, 2x16x16 tubelets, joint pos-embed"),
+    "videomamba_li_micro": _spec(dict(_MICRO), "tiny Li-style VideoMamba for tests and the CPU demo"),
+    "videomamba_park_micro": _spec({**_PARK, **_MICRO}, "tiny Park-style VideoMamba for tests and the CPU demo"),
 }

@@ -49,7 +49,15 @@ class MambaMixer(nn.Module):
         bias: bias in in_proj / out_proj (Mamba and VideoMamba: none).
         conv_bias: bias in the depthwise conv (Mamba: yes).
         bidirectional: add the backward direction ("v2": shared projections, outputs summed).
-        scan_backend: passed to :func:`pks4.ssm.scan.selective_scan` (``"auto"`` picks the fastest available).
+        scan_backend: passed to :func:`pks4.ssm.scan.selective_scan` and to the recurrent step
+            (``"auto"`` picks the fastest available).
+
+    ``dt_proj`` (weight and bias) carries Mamba's own initialisation, which sets the range of the initial step
+    sizes; a model that re-initialises its Linear layers should leave ``dt_proj``/``dt_proj_b`` alone unless it
+    means to change that (VideoMamba's ``init="official"`` does, on purpose).
+
+    Under autocast the scan receives the conv and projection outputs in the autocast dtype as they are (no
+    float32 copies); it keeps its state in float32 itself.
     """
 
     def __init__(
@@ -71,7 +79,7 @@ class MambaMixer(nn.Module):
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        self.bidirectional = bidirectional
+        self.bidirectional, self.conv_bias = bidirectional, conv_bias
         self.scan_backend = scan_backend
         self._dt_init = (dt_min, dt_max, dt_init_floor)
 
@@ -84,14 +92,14 @@ class MambaMixer(nn.Module):
     def _make_direction(self, suffix: str) -> None:
         """Create conv1d{s}, x_proj{s}, dt_proj{s}, A{s}_log, D{s} with Mamba's initialisation."""
         d_inner, d_state = self.d_inner, self.d_state
-        conv = nn.Conv1d(d_inner, d_inner, self.d_conv, groups=d_inner, padding=self.d_conv - 1, bias=True)
+        conv = nn.Conv1d(d_inner, d_inner, self.d_conv, groups=d_inner, padding=self.d_conv - 1,
+                         bias=self.conv_bias)
         x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
         dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
         # dt_proj weight ~ U[-r^-0.5, r^-0.5] keeps the low-rank dt path at unit scale at init.
         nn.init.uniform_(dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
         with torch.no_grad():
             dt_proj.bias.copy_(_dt_bias_init(d_inner, *self._dt_init))
-        dt_proj.bias._no_reinit = True  # model-level re-initialisation must keep the dt range
         # S4D-real initialisation: A[:, n] = -(n + 1), stored as log so A stays negative (stable decay).
         a_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
         setattr(self, f"conv1d{suffix}", conv)
@@ -165,12 +173,14 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(u_t).chunk(2, dim=-1)  # (B, d_inner) each
         conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
         conv_state[..., -1] = x
-        x = (conv_state * self.conv1d.weight.squeeze(1)).sum(-1) + self.conv1d.bias
+        x = (conv_state * self.conv1d.weight.squeeze(1)).sum(-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
         x = F.silu(x)
         dt, b, c = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ self.dt_proj.weight.t()
         y = selective_state_update(
             ssm_state, x, dt, -torch.exp(self.A_log.float()), b, c, self.D.float(), z=z,
-            dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+            dt_bias=self.dt_proj.bias.float(), dt_softplus=True, backend=self.scan_backend,
         )
         return self.out_proj(y.to(u_t.dtype))

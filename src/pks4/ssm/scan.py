@@ -5,54 +5,54 @@
 
 Shapes follow Mamba-1: ``u, delta, z: (batch, d_inner, L)``, ``A: (d_inner, d_state)`` (real, negative),
 ``B, C: (batch, d_state, L)``, ``D, delta_bias: (d_inner,)``. The state and all sums are float32 (float64 for
-float64 inputs); the output has ``u``'s dtype.
+float64 inputs on the paths that take them); the output has ``u``'s dtype. Inputs may be strided views.
 
+This file holds the reference, the dispatch and the custom op; each fast path lives in its own file.
 Paths (``backend=``, or the ``PKS4_SCAN_BACKEND`` environment variable when ``backend="auto"``):
 
-- ``ref``: :func:`selective_scan_ref`, a plain loop over time; the numerical oracle of every other path.
-- ``loop``: a lean per-step PyTorch loop (autograd backward); runs on any device.
-- ``native``: a fused C++ kernel, compiled on first use, vectorised across 8 channels at a time, with its own
-  backward: the forward pass keeps the state at every ``_SEGMENT``-th step and the backward pass recomputes one
-  segment at a time from there (nothing of size batch x d_inner x L x d_state is stored). Its results are the
-  same to the last bit for any thread count. ``auto`` picks it for CPU tensors and falls back to ``loop``
-  (saying so once) when no C++ compiler is available.
-- ``compile``: ``loop`` under ``torch.compile``, in chunks of steps so compile time does not grow with L.
+- ``ref``: :func:`selective_scan_ref`, a plain loop over time under autograd; the numerical oracle.
+- ``loop`` (:mod:`.scan_loop`): a lean per-step PyTorch loop on any device, whose backward replays 64-step
+  segments from kept states.
+- ``native`` (:mod:`.scan_native`): a fused C++ kernel for CPU tensors, compiled on first use.
+- ``triton`` (:mod:`.scan_triton`): Triton kernels for CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``).
+- ``mamba_ssm``: the CUDA kernel of the ``mamba_ssm`` package, when the user has it installed.
 
-``auto`` picks ``loop`` for CUDA tensors.
+``loop``, ``native`` and ``triton`` run as one custom op, ``torch.ops.pks4.selective_scan``, with its own
+backward (``pks4::selective_scan_backward``) and a shape-only implementation, so ``torch.export`` and
+``torch.compile`` see the scan as one node and the meta device can count its memory. None of them stores
+per-step states for the backward: each keeps its inputs and one state per 64-256 steps.
+
+``auto`` picks ``native`` for CPU tensors (``loop`` without a C++ compiler); for CUDA tensors ``mamba_ssm`` when
+it is importable, else ``triton`` when Triton is installed (``pip install 'pks4[gpu]'``), else ``loop``, and says
+once which and why. :func:`resolve_backend` tells which path a device and dtype get.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
+import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
-from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "available_backends"]
+from .discretize import compute_dtype, step_sizes
 
-BACKENDS = ("ref", "loop", "native", "compile")
-_ALIASES = {"reference": "ref", "torch": "loop", "cpp": "native", "cpu": "native"}
-_SOURCE = Path(__file__).with_name("csrc") / "selective_scan.cpp"
-# -ffast-math lets gcc vectorise expf through glibc's libmvec; it is given at compile time only, because
-# linking a shared library with it would set flush-to-zero for the whole process.
-_CXXFLAGS = ("-O3", "-ffast-math", "-march=native", "-fPIC", "-std=c++17")
-# Steps per segment of the native kernel: its backward keeps a segment's states and decays (2 x 256 steps x
-# d_state x 8 channels x 4 bytes = 256 KiB) in L2, and the forward stores one state per segment for it.
-# Measured at L = 1569: 64 -> 128 -> 256 steps cut the backward by 6% and 5%; 512 and 1024 were slower again.
-_SEGMENT = 256
+__all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "selective_state_update_ref",
+           "available_backends", "resolve_backend", "BACKENDS"]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("ref", "loop", "native", "triton", "mamba_ssm")
+_ALIASES = {"reference": "ref", "torch": "loop", "cpp": "native", "cpu": "native", "mamba": "mamba_ssm"}
+_OP_BACKENDS = ("loop", "native", "triton")  # the paths behind torch.ops.pks4.selective_scan
+_HALF_AND_SINGLE = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Argument checks shared by every path
+# Argument checks and helpers shared by every path
 # --------------------------------------------------------------------------------------------------------------
 def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                   z: Tensor | None, delta_bias: Tensor | None) -> None:
@@ -70,17 +70,9 @@ def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"selective_scan: {name} must have shape {shape} (u is {tuple(u.shape)}, "
                              f"A is {tuple(A.shape)}), got {tuple(t.shape)}")
-
-
-def _delta_eff(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
-    """The step size actually used: softplus(delta + delta_bias) (Mamba's dt projection, §3.6)."""
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(delta.dtype)[:, None]
-    return F.softplus(delta) if delta_softplus else delta
-
-
-def _compute_dtype(u: Tensor) -> torch.dtype:
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
+    for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias)):
+        if t is not None and t.device != u.device:
+            raise ValueError(f"selective_scan: {name} is on {t.device} but u is on {u.device}; expected one device")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -95,9 +87,9 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     pass O(L^2).
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    dtype, f = u.dtype, _compute_dtype(u)
+    dtype, f = u.dtype, compute_dtype(u)
     u, delta, A, B, C = (t.to(f) for t in (u, delta, A, B, C))
-    delta = _delta_eff(delta, delta_bias, delta_softplus)
+    delta = step_sizes(delta, delta_bias, delta_softplus)
     batch, dim, _ = u.shape
     h = u.new_zeros(batch, dim, A.shape[1])                           # (batch, d_inner, d_state)
     ys = []
@@ -116,198 +108,215 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Lean PyTorch loop (any device) and its torch.compile'd variant
+# Which path: availability, checks, the choice of "auto"
 # --------------------------------------------------------------------------------------------------------------
-def _loop_steps(h: Tensor, A: Tensor, dt: Tensor, dtu: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
-    """Advance the state over the steps of ``dt`` (batch, d_inner, K); return (state, y (batch, d_inner, K))."""
-    ys = []
-    for dt_t, dtu_t, B_t, C_t in zip(dt.unbind(-1), dtu.unbind(-1), B.unbind(-1), C.unbind(-1)):
-        h = torch.addcmul(torch.exp(dt_t.unsqueeze(-1) * A) * h, dtu_t.unsqueeze(-1), B_t.unsqueeze(1))
-        ys.append(torch.bmm(h, C_t.unsqueeze(-1)))                    # (batch, d_inner, 1)
-    return h, torch.cat(ys, dim=-1)
+def _native_available() -> bool:
+    from .scan_native import native_lib
+
+    return native_lib() is not None
 
 
-_COMPILE_CHUNK = 16  # steps per compiled call: bounds compile time, whatever L is
+def _triton_installed() -> bool:
+    from .scan_triton import is_installed
+
+    return is_installed()
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_steps():
-    return torch.compile(_loop_steps, dynamic=False)
+def _mamba_ssm_scan_fn():
+    """mamba_ssm's selective_scan_fn, or the reason it cannot be used (a string)."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as err:  # a missing package, or a compiled extension that does not load with this torch
+        return f"mamba_ssm is not importable ({type(err).__name__}: {err})"
+    return selective_scan_fn
 
 
-def _scan_loop(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
-               delta_bias: Tensor | None, delta_softplus: bool, return_last_state: bool,
-               compiled: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    dtype, f = u.dtype, _compute_dtype(u)
-    u, delta, A, B, C = (t.to(f) for t in (u, delta, A, B, C))
-    dt = _delta_eff(delta, delta_bias, delta_softplus)
-    dtu = dt * u
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    if compiled:
-        step, ys = _compiled_steps(), []
-        for s in range(0, u.shape[-1], _COMPILE_CHUNK):
-            sl = slice(s, s + _COMPILE_CHUNK)
-            h, y_chunk = step(h, A, dt[..., sl], dtu[..., sl], B[..., sl], C[..., sl])
-            ys.append(y_chunk)
-        y = torch.cat(ys, dim=-1)
+def _require(name: str, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Raise a clear error when the backend asked for by name cannot run these inputs."""
+    if name == "native" and device.type != "cpu":
+        raise ValueError(f"selective_scan: backend 'native' runs on CPU tensors, got device {device}; use "
+                         "'auto', 'triton' or 'loop' for other devices")
+    if name == "triton":
+        if not _triton_installed():
+            raise RuntimeError("selective_scan: backend 'triton' needs the triton package: pip install 'pks4[gpu]'")
+        if device.type == "cpu":
+            from .scan_triton import interpreting
+
+            if not interpreting():
+                raise RuntimeError("selective_scan: backend 'triton' got CPU tensors; its kernels run on CUDA "
+                                   "tensors, or on CPU tensors under Triton's interpreter: set TRITON_INTERPRET=1 "
+                                   "in the environment before starting Python (Triton reads it when it is "
+                                   "imported; slow, meant for tests)")
+        elif device.type != "cuda":
+            raise ValueError(f"selective_scan: backend 'triton' runs on CUDA tensors, got device {device}")
+    if name == "mamba_ssm":
+        fn = _mamba_ssm_scan_fn()
+        if isinstance(fn, str):
+            raise RuntimeError(f"selective_scan: backend 'mamba_ssm' needs the mamba_ssm package: {fn}")
+        if device.type != "cuda":
+            raise ValueError(f"selective_scan: backend 'mamba_ssm' runs on CUDA tensors, got device {device}")
+    if name in ("triton", "mamba_ssm") and dtype is not None and dtype not in _HALF_AND_SINGLE:
+        raise ValueError(f"selective_scan: backend {name!r} takes float32, bfloat16 or float16 inputs, got {dtype}; "
+                         "use 'loop' or 'ref' for other dtypes")
+
+
+_ANNOUNCED: set[tuple[str, str]] = set()
+
+
+def _announce(device: torch.device, name: str, why: str) -> None:
+    """Say once per device type and path which path ``auto`` took and why (a warning when it is slow)."""
+    key = (device.type, name)
+    if key in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(key)
+    message = f"selective_scan on {device.type} tensors uses the {name!r} path: {why}"
+    if name == "loop" and device.type == "cuda":
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
     else:
-        h, y = _loop_steps(h, A, dt, dtu, B, C)
-    if D is not None:
-        y = torch.addcmul(y, D.to(f)[:, None], u)
-    if z is not None:
-        y = y * F.silu(z.to(f))
-    out = y.to(dtype)
-    return (out, h) if return_last_state else out
+        logger.info(message)
+
+
+def _auto(device: torch.device, dtype: torch.dtype | None) -> str:
+    if device.type == "cpu":
+        return "native" if _native_available() else "loop"
+    if device.type != "cuda":
+        return "loop"
+    if dtype is not None and dtype not in _HALF_AND_SINGLE:
+        _announce(device, "loop", f"the fused kernels take float32, bfloat16 and float16 inputs, not {dtype}")
+        return "loop"
+    mamba = _mamba_ssm_scan_fn()
+    if not isinstance(mamba, str):
+        _announce(device, "mamba_ssm", "the mamba_ssm package is installed")
+        return "mamba_ssm"
+    if _triton_installed():
+        _announce(device, "triton", f"Triton is installed and {mamba}")
+        return "triton"
+    _announce(device, "loop", f"neither Triton nor mamba_ssm is installed ({mamba}); the per-step loop launches "
+              "about 40 kernels per token: pip install 'pks4[gpu]'")
+    return "loop"
+
+
+def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = None) -> str:
+    """The path :func:`selective_scan` takes for ``backend`` on tensors of ``device`` (and ``dtype``).
+
+    ``"auto"`` (or the ``PKS4_SCAN_BACKEND`` environment variable) is resolved as the module docstring says;
+    a backend asked for by name is checked against the device and dtype, with an error saying what it needs.
+    ``native`` without a working C++ compiler resolves to ``loop`` (with one warning).
+    """
+    device = torch.device(device)
+    name = backend.strip().lower()
+    if name == "auto":
+        name = os.environ.get("PKS4_SCAN_BACKEND", "auto").strip().lower() or "auto"
+    name = _ALIASES.get(name, name)
+    if name == "auto":
+        return _auto(device, dtype)
+    if name not in BACKENDS:
+        raise ValueError(f"selective_scan: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    _require(name, device, dtype)
+    if name == "native" and not _native_available():
+        return "loop"  # already warned once by native_lib
+    return name
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that run on ``device`` in this process (building the native kernel if it is not built yet)."""
+    device = torch.device(device)
+    names = ["ref", "loop"]
+    for name in ("native", "triton", "mamba_ssm"):
+        try:
+            if resolve_backend(name, device) == name:
+                names.append(name)
+        except (RuntimeError, ValueError):
+            pass
+    return names
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Native fused kernel: built on first use, loaded with ctypes
+# The custom op: forward, backward, shapes, autograd
 # --------------------------------------------------------------------------------------------------------------
-def _cache_dir() -> Path:
-    root = os.environ.get("PKS4_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pks4")
-    return Path(root) / "scan"
+def _backend_module(name: str):
+    if name == "native":
+        from . import scan_native as module
+    elif name == "triton":
+        from . import scan_triton as module
+    elif name == "loop":
+        from . import scan_loop as module
+    else:
+        raise ValueError(f"pks4::selective_scan: backend {name!r} is not one of {_OP_BACKENDS}")
+    return module
 
 
-def _cpu_signature() -> str:
-    """-march=native code must not be reused on another CPU that shares the cache directory."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next((ln for ln in lines if ln.startswith(("flags", "Features"))), platform.processor())
-    except OSError:
-        return platform.processor()
+def _state_dtype(u: Tensor, backend: str) -> torch.dtype:
+    return torch.float32 if backend == "triton" else compute_dtype(u)
 
 
-def _build(cxx: str, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        obj, lib = Path(tmp) / "scan.o", Path(tmp) / out.name
-        subprocess.run([cxx, *_CXXFLAGS, "-c", str(_SOURCE), "-o", str(obj)], check=True, capture_output=True,
-                       text=True)
-        subprocess.run([cxx, "-shared", str(obj), "-o", str(lib), "-lm", "-pthread"], check=True,
-                       capture_output=True, text=True)
-        os.replace(lib, out)  # atomic: concurrent processes never load a half-written library
+@torch.library.custom_op("pks4::selective_scan", mutates_args=())
+def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+             delta_bias: Optional[Tensor], delta_softplus: bool, return_last_state: bool, keep_checkpoints: bool,
+             backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, last state or an empty tensor, kept states or an empty tensor) of one path."""
+    out, last, ckpt = _backend_module(backend).forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                       return_last_state, keep_checkpoints)
+    empty = u.new_empty(0, dtype=_state_dtype(u, backend))
+    return out, empty if last is None else last, empty.clone() if ckpt is None else ckpt
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for suffix in ("f32", "f64"):
-        fwd, bwd = getattr(lib, f"pks4_scan_fwd_{suffix}"), getattr(lib, f"pks4_scan_bwd_{suffix}")
-        fwd.argtypes = [p] * 8 + [i32] + [i64] * 5 + [p] * 3 + [i32]
-        bwd.argtypes = [p] * 8 + [i32] + [i64] * 5 + [p] * 11 + [i32]
-        fwd.restype = bwd.restype = i32
-    return lib
+@_scan_op.register_fake
+def _scan_op_shapes(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, keep_checkpoints,
+                    backend):
+    (batch, dim, L), N, f = u.shape, A.shape[1], _state_dtype(u, backend)
+    last = u.new_empty((batch, dim, N) if return_last_state else (0,), dtype=f)
+    ckpt = u.new_empty(_backend_module(backend).checkpoint_shape(batch, dim, L, N) if keep_checkpoints else (0,),
+                       dtype=f)
+    return u.new_empty(batch, dim, L), last, ckpt
 
 
-@functools.lru_cache(maxsize=None)
-def _native_lib() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (with one warning) when it cannot be built or loaded here."""
-    try:
-        cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-        if cxx is None:
-            raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-        key = hashlib.sha256("\0".join([_SOURCE.read_text(), cxx, *_CXXFLAGS, _cpu_signature()]).encode())
-        path = _cache_dir() / f"selective_scan_{key.hexdigest()[:16]}.so"
-        if not path.exists():
-            try:
-                _build(cxx, path)
-            except PermissionError:  # read-only home: build next to other temporary files instead
-                path = Path(tempfile.gettempdir()) / "pks4-scan" / path.name
-                if not path.exists():
-                    _build(cxx, path)
-        return _declare(ctypes.CDLL(str(path)))
-    except (OSError, RuntimeError, subprocess.CalledProcessError, AttributeError) as err:
-        detail = getattr(err, "stderr", "") or ""
-        warnings.warn(f"pks4.ssm.scan: the native CPU selective scan is unavailable ({err}) {detail[-500:]}; "
-                      "falling back to the slower PyTorch loop", RuntimeWarning, stacklevel=3)
-        return None
+@torch.library.custom_op("pks4::selective_scan_backward", mutates_args=())
+def _scan_backward_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                      z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, ckpt: Tensor,
+                      dout: Tensor, dlast: Optional[Tensor], backend: str) -> list[Tensor]:
+    """Gradients of u, delta, A, B, C, D, z, delta_bias (an empty tensor for an absent input)."""
+    grads = _backend_module(backend).backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                              ckpt if ckpt.numel() else None, dout, dlast)
+    return [u.new_empty(0) if g is None else g for g in grads]
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+@_scan_backward_op.register_fake
+def _scan_backward_shapes(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ckpt, dout, dlast, backend):
+    return [u.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t in (u, delta, A, B, C, D, z, delta_bias)]
 
 
-class _NativeScan(torch.autograd.Function):
-    """Fused CPU scan; the backward recomputes states segment by segment from the forward's checkpoints,
-    which are kept only when ``keep_checkpoints`` (grad mode on and some input requiring grad)."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, keep_checkpoints):
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        ctx.softplus = bool(delta_softplus)
-        args, (batch, dim, L, N), suffix = _native_args(u, delta, A, B, C, D, z, delta_bias)
-        f = args[0].dtype
-        out = torch.empty(batch, dim, L, dtype=f)
-        last = torch.empty(batch, dim, N, dtype=f) if return_last_state else None
-        ctx.segment = _SEGMENT
-        segments = -(-L // ctx.segment)
-        # The state at each segment start but the first: 1/_SEGMENT of all states, what the backward needs.
-        ctx.ckpt = torch.empty(batch, dim, segments - 1, N, dtype=f) if keep_checkpoints and segments > 1 else None
-        _call(f"pks4_scan_fwd_{suffix}", *map(_ptr, args), ctx.softplus, batch, dim, L, N, ctx.segment, _ptr(out),
-              _ptr(last), _ptr(ctx.ckpt), torch.get_num_threads())
-        out = out.to(u.dtype)
-        return out if last is None else (out, last)
-
-    @staticmethod
-    def backward(ctx, dout, dlast=None):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        args, (batch, dim, L, N), suffix = _native_args(u, delta, A, B, C, D, z, delta_bias)
-        f = args[0].dtype
-        dout = dout.to(f).contiguous()
-        dlast = None if dlast is None else dlast.to(f).contiguous()
-        du, ddelta = torch.empty(batch, dim, L, dtype=f), torch.empty(batch, dim, L, dtype=f)
-        dz = torch.empty(batch, dim, L, dtype=f) if z is not None else None
-        dA, dD, dbias = torch.empty(dim, N, dtype=f), torch.empty(dim, dtype=f), torch.empty(dim, dtype=f)
-        dB, dC = torch.empty(batch, N, L, dtype=f), torch.empty(batch, N, L, dtype=f)
-        grads = (dout, dlast, du, ddelta, dA, dB, dC, dD, dz, dbias)
-        _call(f"pks4_scan_bwd_{suffix}", *map(_ptr, args), ctx.softplus, batch, dim, L, N, ctx.segment,
-              _ptr(ctx.ckpt), *map(_ptr, grads), torch.get_num_threads())
-        like = lambda g, t: None if t is None else g.to(t.dtype)  # noqa: E731
-        return (like(du, u), like(ddelta, delta), like(dA, A), like(dB, B), like(dC, C), like(dD, D), like(dz, z),
-                like(dbias, delta_bias), None, None, None)
+def _scan_setup_context(ctx, inputs, output) -> None:
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, _, _, backend = inputs
+    ckpt = output[2]
+    ctx.mark_non_differentiable(ckpt)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+    ctx.softplus, ctx.backend = delta_softplus, backend
 
 
-def _call(name: str, *args) -> None:
-    if getattr(_native_lib(), name)(*args) != 0:
-        raise RuntimeError(f"pks4.ssm.scan: {name} refused its arguments; checkpoints missing for a backward "
-                           "pass over more than one segment (was the forward run without grad)?")
+def _scan_autograd_backward(ctx, dout, dlast, _dckpt):
+    u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros(u.shape, dtype=u.dtype, device=u.device)
+    dlast = dlast if dlast is not None and dlast.numel() else None
+    grads = _scan_backward_op(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ckpt, dout, dlast, ctx.backend)
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    return (*(None if t is None else g for g, t in zip(grads, inputs)), None, None, None, None)
 
 
-def _native_args(u, delta, A, B, C, D, z, delta_bias):
-    """Contiguous compute-dtype tensors in the kernel's argument order."""
-    f = _compute_dtype(u)
-    cast = lambda t: None if t is None else t.detach().to(f).contiguous()  # noqa: E731
-    args = (cast(u), cast(delta), cast(A), cast(B), cast(C), cast(D), cast(z), cast(delta_bias))
-    return args, (*u.shape, A.shape[1]), "f64" if f == torch.float64 else "f32"
+_scan_op.register_autograd(_scan_autograd_backward, setup_context=_scan_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------------------------
-def available_backends() -> list[str]:
-    """Backends usable in this process (building the native kernel if it is not built yet)."""
-    names = ["ref", "loop"]
-    if _native_lib() is not None:
-        names.append("native")
-    if hasattr(torch, "compile"):
-        names.append("compile")
-    return names
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend == "auto":
-        backend = os.environ.get("PKS4_SCAN_BACKEND", "auto").strip().lower() or "auto"
-    backend = _ALIASES.get(backend, backend)
-    if backend == "auto":
-        return "native" if device.type == "cpu" and _native_lib() is not None else "loop"
-    if backend not in BACKENDS:
-        raise ValueError(f"selective_scan: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
-    if backend == "native":
-        if device.type != "cpu":
-            raise ValueError(f"selective_scan: backend 'native' runs on CPU tensors, got device {device}")
-        if _native_lib() is None:
-            return "loop"  # already warned once by _native_lib
-    return backend
+def _mamba_ssm_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731  (its kernel takes float32 A, D, bias)
+    return _mamba_ssm_scan_fn()(u, delta, A.float(), B, C, f32(D), z, f32(delta_bias),
+                                delta_softplus=delta_softplus, return_last_state=return_last_state)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -317,35 +326,36 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
 
     Returns ``out`` (batch, d_inner, L) in ``u``'s dtype, and with ``return_last_state`` also the final state
     (batch, d_inner, d_state) in float32 (float64 for float64 inputs). ``backend``: "auto" (default; the
-    ``PKS4_SCAN_BACKEND`` environment variable overrides it), "ref", "loop", "native" or "compile".
+    ``PKS4_SCAN_BACKEND`` environment variable overrides it) or one of :data:`BACKENDS`.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    name = _resolve_backend(backend, u.device)
+    name = resolve_backend(backend, u.device, u.dtype)
+    args = (u, delta, A, B, C, D, z, delta_bias)
     if name == "ref":
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    if name == "native":
-        keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                               for t in (u, delta, A, B, C, D, z, delta_bias))
-        return _NativeScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, keep)
-    return _scan_loop(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                      compiled=name == "compile")
+        return selective_scan_ref(*args, delta_softplus, return_last_state)
+    if name == "mamba_ssm":
+        return _mamba_ssm_scan(*args, delta_softplus, return_last_state)
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+    out, last, _ = _scan_op(*args, bool(delta_softplus), bool(return_last_state), keep, name)
+    return (out, last) if return_last_state else out
 
 
-def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                           D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
-                           dt_softplus: bool = True) -> Tensor:
-    """One recurrent step of the scan (eq. 2a-2b at a single t), for streaming inference.
-
-    ``state`` (batch, d_inner, d_state) is updated in place; ``x, dt, z``: (batch, d_inner); ``B, C``:
-    (batch, d_state). Returns y (batch, d_inner) in ``x``'s dtype; the arithmetic is done in ``state``'s dtype
-    (keep the state float32).
-    """
+def _check_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                        z: Tensor | None) -> None:
+    if state.dim() != 3:
+        raise ValueError(f"selective_state_update: state must be (batch, d_inner, d_state), got {tuple(state.shape)}")
     batch, dim, N = state.shape
     for name, t, shape in (("x", x, (batch, dim)), ("dt", dt, (batch, dim)), ("A", A, (dim, N)),
                            ("B", B, (batch, N)), ("C", C, (batch, N)), ("z", z, (batch, dim))):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"selective_state_update: {name} must have shape {shape} for a state of shape "
                              f"{tuple(state.shape)}, got {tuple(t.shape)}")
+
+
+def selective_state_update_ref(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                               D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
+                               dt_softplus: bool = True) -> Tensor:
+    """One step of eq. 2a-2b in plain PyTorch, in ``state``'s dtype; the oracle of the Triton step."""
     f = state.dtype
     xf, dtf = x.to(f), dt.to(f)
     if dt_bias is not None:
@@ -360,3 +370,22 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     if z is not None:
         y = y * F.silu(z.to(f))
     return y.to(x.dtype)
+
+
+def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
+                           dt_softplus: bool = True, backend: str = "auto") -> Tensor:
+    """One recurrent step of the scan (eq. 2a-2b at a single t), for streaming inference.
+
+    ``state`` (batch, d_inner, d_state) is updated in place; ``x, dt, z``: (batch, d_inner); ``B, C``:
+    (batch, d_state). Returns y (batch, d_inner) in ``x``'s dtype; keep the state float32. Runs the Triton
+    kernel where the scan would run a fused GPU path (``backend`` resolved as in :func:`resolve_backend`),
+    else :func:`selective_state_update_ref`.
+    """
+    _check_state_update(state, x, dt, A, B, C, z)
+    name = resolve_backend(backend, state.device, x.dtype)
+    if name in ("triton", "mamba_ssm") and state.dtype in _HALF_AND_SINGLE and _triton_installed():
+        from .scan_triton import state_update
+
+        return state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)

@@ -2,7 +2,8 @@
 
 The released files use the model's own key names, so loading is 1:1 after a few documented conversions:
 
-* ImageNet files are wrapped as ``{'model': state_dict}`` (unwrapped by :func:`pks4.weights.read_checkpoint_file`;
+* ImageNet files are wrapped as ``{'model': state_dict}`` (unwrapped by
+  :func:`pks4.weights.files.read_checkpoint_file`;
   the official loader forgets this and silently loads nothing) and carry a 2-D patch kernel (D, 3, 16, 16):
   it is inflated to the model's tubelet (``config.inflate``: "center" as the official loader, "repeat_avg"
   as Park et al. §4.1). They have no ``temporal_pos_embedding``: it starts at zero.
@@ -16,6 +17,12 @@ The released files use the model's own key names, so loading is 1:1 after a few 
   temporal table is added on top. The image CLS position row is folded into ``cls_token``, since Park's
   CLS has no position embedding, so the CLS input is the one the image model saw.
 * A model without a learned embedding ("sinusoidal", "none") drops the checkpoint's tables.
+* Masked-pretraining files (Li §3.4, UMT-style: ``videomamba_*_mask_pt``) also hold what only pretraining uses:
+  the alignment decoders to the CLIP teacher (``clip_decoder.*``; UMT-style encoders also ``clip_projector.*``,
+  ``final_clip_decoder.*`` and the decoders' position codes) and the pretraining encoder's final ``norm``,
+  which stays outside its alignment loss (the student is aligned before it) and is not the classifier's
+  ``norm_f``. They are recognised, dropped and listed in a warning; ``norm_f`` keeps its initialisation, as in
+  the official fine-tuning. Every encoder key must still match.
 
 Everything else must match: a missing, unexpected or mis-shaped key raises ``CheckpointError`` naming it.
 A head with another class count (or no head) is an error unless ``reinit_head=True``; then the model's fresh
@@ -30,14 +37,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pks4.layers.posembed import (inflate_patch_kernel, resize_pos_embed_2d, resize_temporal_pos_embed)
+from pks4.layers.posembed import inflate_patch_kernel, resize_pos_embed_2d, resize_temporal_pos_embed
 from pks4.models.videomamba import VideoMamba, resize_joint_pos_embed
-from pks4.weights import CheckpointError, LoadReport, load_state_dict_strict, read_checkpoint_file
+from pks4.weights.files import CheckpointError, LoadReport, _key_list, load_state_dict_strict, read_checkpoint_file
 
-__all__ = ["VideoMambaLoadReport", "load_videomamba_checkpoint", "convert_videomamba_state_dict",
-           "joint_pos_from_image"]
+__all__ = ["VideoMambaLoadReport", "load_videomamba_checkpoint", "load_videomamba_state_dict",
+           "convert_videomamba_state_dict", "joint_pos_from_image", "PRETRAINING_ONLY_KEYS"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("pks4.weights")
+
+# Key prefixes of official masked-pretraining models that a classifier has no place for (module docstring).
+PRETRAINING_ONLY_KEYS = ("clip_decoder.", "final_clip_decoder.", "clip_projector.", "clip_pos_embed",
+                         "clip_img_pos_embed")
 
 
 @dataclass
@@ -47,6 +58,23 @@ class VideoMambaLoadReport:
     load: LoadReport
     conversions: list[str] = field(default_factory=list)
     head_reinitialised: bool = False
+    dropped: list[str] = field(default_factory=list)  # masked-pretraining keys left out
+
+
+def _drop_pretraining_keys(sd: dict[str, Tensor], model: VideoMamba, source: str | Path) -> list[str]:
+    """Remove the keys only masked pretraining uses (in place); returns them, sorted. A file without any
+    decoder key is not a pretraining file: its other keys are left for the strict load to judge."""
+    dropped = sorted(k for k in sd if k.startswith(PRETRAINING_ONLY_KEYS))
+    if not dropped:
+        return []
+    if "norm_f.weight" not in sd:  # the pretraining encoder's final norm (outside its loss), not norm_f
+        dropped += sorted(k for k in sd if k in ("norm.weight", "norm.bias"))
+    for key in dropped:
+        del sd[key]
+    logger.warning("%s: masked-pretraining checkpoint: %d keys a %s classifier has no place for were dropped "
+                   "(norm_f and the head keep their initialisation): %s", source, len(dropped), model.model_name,
+                   _key_list(dropped, limit=len(dropped)))
+    return dropped
 
 
 def _square(n: int, key: str, source: str | Path) -> int:
@@ -185,20 +213,34 @@ def _check_head(sd: dict[str, Tensor], model: VideoMamba, source: str | Path, re
     return True
 
 
+def load_videomamba_state_dict(model: VideoMamba, raw: dict[str, Tensor], source: str | Path, *,
+                               reinit_head: bool = False, joint_thw: tuple[int, int, int] | None = None
+                               ) -> VideoMambaLoadReport:
+    """Load an already read official / pks4 VideoMamba state dict into ``model`` (see
+    :func:`load_videomamba_checkpoint`)."""
+    raw = dict(raw)
+    dropped = _drop_pretraining_keys(raw, model, source)
+    sd, notes = convert_videomamba_state_dict(raw, model, source, joint_thw=joint_thw)
+    reinit = _check_head(sd, model, source, reinit_head)
+    allowed = (["head.weight", "head.bias"] if reinit else []) + (["norm_f.*"] if dropped else [])
+    load = load_state_dict_strict(model, sd, source, allow_partial=allowed or None)
+    if dropped:
+        notes.append(f"masked-pretraining keys dropped: {_key_list(dropped, limit=len(dropped))}")
+    if reinit:
+        notes.append(f"head: re-initialised for {model.num_classes} classes (checkpoint head not used)")
+    for note in notes:
+        logger.info("%s: %s", source, note)
+    return VideoMambaLoadReport(load, notes, reinit, dropped)
+
+
 def load_videomamba_checkpoint(model: VideoMamba, path: str | Path, *, reinit_head: bool = False,
                                joint_thw: tuple[int, int, int] | None = None) -> VideoMambaLoadReport:
-    """Load an official VideoMamba checkpoint (image or video, wrapped or plain) or a pks4 one into ``model``.
+    """Load an official VideoMamba checkpoint (image, video or masked-pretraining; wrapped or plain) or a pks4 one
+    into ``model``.
 
     Raises ``CheckpointError`` naming the keys on any missing / unexpected / mis-shaped tensor; with
     ``reinit_head=True`` a head of another class count (or none) is replaced by the model's fresh head and
     reported. Returns the report of everything done.
     """
-    raw = read_checkpoint_file(path)
-    sd, notes = convert_videomamba_state_dict(raw, model, path, joint_thw=joint_thw)
-    reinit = _check_head(sd, model, path, reinit_head)
-    load = load_state_dict_strict(model, sd, path, allow_partial=["head.weight", "head.bias"] if reinit else None)
-    if reinit:
-        notes.append(f"head: re-initialised for {model.num_classes} classes (checkpoint head not used)")
-    for note in notes:
-        logger.info("%s: %s", path, note)
-    return VideoMambaLoadReport(load, notes, reinit)
+    return load_videomamba_state_dict(model, read_checkpoint_file(path), path, reinit_head=reinit_head,
+                                      joint_thw=joint_thw)
