@@ -30,12 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pks4.data.synth import KINDS, generate_synth, render_pair_clip
+from pks4.data.synth import KINDS, render_pair_clip
 from pks4.data.transforms import CLIP_MEAN, CLIP_STD
 from pks4.models.clip_vit import CLIPVisionConfig, CLIPVisionTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synth_family import Job, mean_sd, run_all  # noqa: E402  (a sibling script)
+from synth_family import Job, add_common_args, kind_data, mean_sd, run_all  # noqa: E402  (a sibling script)
 
 TOWER = CLIPVisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=1, output_dim=64)
 TOWER_SPLIT = 2  # generate_synth uses 0 (train) and 1 (val) in the seed of every clip
@@ -129,9 +129,7 @@ def save_openai_layout(tower: CLIPVisionTransformer, path: Path) -> Path:
 def workflow_jobs(args: argparse.Namespace, out: Path, tower: Path) -> list[Job]:
     jobs = []
     for kind in args.kinds:
-        data = generate_synth(out / "data" / kind, kind=kind, seed=args.data_seed, size=args.size,
-                              num_frames=args.frames, num_train_per_class=args.train_per_class,
-                              num_val_per_class=args.val_per_class)
+        data = kind_data(args, out, kind)
         lists = ["--train-list", str(data.train), "--val-list", str(data.val), "--labels", str(data.labels)]
         runs = [(f"tower/{i}", model, [f"model.overrides.pretrained={tower}", *sets])
                 for i, (_, model, sets) in enumerate(LADDER)]
@@ -150,27 +148,38 @@ def _curve(results: list[dict]) -> list[float]:
     return [statistics.mean(c) for c in zip(*(r["curve"] for r in results))]
 
 
-def epoch_table(results: list[dict], family: list[dict], kinds: list[str]) -> list[str]:
-    lines = ["| kind | from scratch (recipe), 15 epochs: final | fine-tuned from the tower, epochs 1-5 | "
-             "same model from random weights, epochs 1-5 | first epoch at the from-scratch final |",
-             "|---|---|---|---|---|"]
+def _curve_cell(results: list[dict], epochs: int) -> str:
+    """Mean over seeds of the first ``epochs`` per-epoch top-1, and the number of seeds."""
+    if not results:
+        return "not run"
+    return " / ".join(f"{v:.1f}" for v in _curve(results)[:epochs]) + f" (n={len(results)})"
+
+
+def epoch_table(results: list[dict], family: list[dict], kinds: list[str], epochs: int = 5) -> list[str]:
+    lines = [f"| kind | from scratch (recipe), 15 epochs: final | from scratch, epochs 1-{epochs} | fine-tuned from "
+             f"the tower, epochs 1-{epochs} | same model from random weights, epochs 1-{epochs} | first fine-tuned "
+             "epoch at the from-scratch final |", "|---|---|---|---|---|---|"]
     for kind in kinds:
         scratch = [r for r in family if r["kind"] == kind and r["model"] == "pks4_vit_tiny"]
+        tuned = [r for r in results if r["kind"] == kind and r["start"] == f"tower/{len(LADDER) - 1}"]
+        rand = [r for r in results if r["kind"] == kind and r["start"] == "random"]
+        if not (scratch and tuned):
+            continue
         final = statistics.mean(r["top1"] for r in scratch)
-        tuned = _curve([r for r in results if r["kind"] == kind and r["start"] == f"tower/{len(LADDER) - 1}"])
-        rand = _curve([r for r in results if r["kind"] == kind and r["start"] == "random"])
-        reach = next((i + 1 for i, v in enumerate(tuned) if v >= final), None)
-        lines.append(f"| `{kind}` | {mean_sd([r['top1'] for r in scratch])} | {' / '.join(f'{v:.1f}' for v in tuned)}"
-                     f" | {' / '.join(f'{v:.1f}' for v in rand)} | {reach if reach else 'not within 5'} |")
+        reach = next((i + 1 for i, v in enumerate(_curve(tuned)) if v >= final), None)
+        lines.append(f"| `{kind}` | {mean_sd([r['top1'] for r in scratch])} (n={len(scratch)}) | "
+                     f"{_curve_cell(scratch, epochs)} | {_curve_cell(tuned, epochs)} | {_curve_cell(rand, epochs)} | "
+                     f"{reach if reach else f'not within {epochs}'} |")
     return lines
 
 
 def ladder_table(results: list[dict], kinds: list[str]) -> list[str]:
     lines = ["| kind | " + " | ".join(name for name, _, _ in LADDER) + " |", "|---|" + "---|" * len(LADDER)]
     for kind in kinds:
-        cells = [mean_sd([r["top1"] for r in results if r["kind"] == kind and r["start"] == f"tower/{i}"])
-                 for i in range(len(LADDER))]
-        lines.append(f"| `{kind}` | " + " | ".join(cells) + " |")
+        runs = [[r["top1"] for r in results if r["kind"] == kind and r["start"] == f"tower/{i}"]
+                for i in range(len(LADDER))]
+        if any(runs):
+            lines.append(f"| `{kind}` | " + " | ".join(f"{mean_sd(v)} (n={len(v)})" for v in runs) + " |")
     return lines
 
 
@@ -178,23 +187,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/synth_family", help="the folder benchmarks/synth_family.py used")
     p.add_argument("--recipe", default="tiny_finetune", help="a YAML file or a packaged recipe's name")
-    p.add_argument("--kinds", type=lambda s: s.split(","), default=list(KINDS))
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--train-per-class", type=int, default=200)
-    p.add_argument("--val-per-class", type=int, default=20)
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=64)
     p.add_argument("--tower-clips", type=int, default=48, help="clips per (kind, pair) for the tower's frames")
     p.add_argument("--tower-epochs", type=int, default=8)
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--set", action="append", default=[], help="extra override for every fine-tuning run")
-    p.add_argument("--md", help="write the markdown tables here")
+    add_common_args(p)
     args = p.parse_args()
     out = Path(args.out)
     torch.set_num_threads(1)
     tower_path, tower_note = build_tower(args, out)
-    results = run_all(workflow_jobs(args, out, tower_path), args.jobs)
+    results = run_all(workflow_jobs(args, out, tower_path), args.jobs, args.done_only)
     (out / "workflow.json").write_text(json.dumps(results, indent=1))
     family = json.loads((out / "family.json").read_text())
     lines = [tower_note, ""] + epoch_table(results, family, args.kinds) + [""] + ladder_table(results, args.kinds)

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pks4.data.synth import KINDS, generate_synth
+from pks4.data.synth import KINDS, SynthSplits, generate_synth
 from pks4.recipes import FROM_SCRATCH_RECIPE
 
 MODELS = {"pks4_vit_tiny": "tiny PKS4", "vit_tiny_avgpool": "frame-average baseline"}
@@ -81,22 +81,33 @@ def read_run(run: Path) -> dict:
             "steps": val[-1]["step"]}
 
 
-def run_all(jobs: list[Job], parallel: int) -> list[dict]:
+def run_all(jobs: list[Job], parallel: int, done_only: bool = False) -> list[dict]:
+    """Every job's result; with ``done_only``, only the results already on disk (nothing is trained)."""
+    if done_only:
+        return [json.loads((j.out / "result.json").read_text()) for j in jobs if (j.out / "result.json").is_file()]
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         return list(pool.map(run_job, jobs))
 
 
 def mean_sd(values: list[float]) -> str:
+    """Mean ± sample standard deviation (0 for one value); "not run" for none."""
+    if not values:
+        return "not run"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+
+def kind_data(args: argparse.Namespace, out: Path, kind: str) -> SynthSplits:
+    """The data set of ``kind`` under ``out/data``, deterministic in ``--data-seed`` (written once: a second call
+    with the same settings finds it in place)."""
+    return generate_synth(out / "data" / kind, kind=kind, seed=args.data_seed, size=args.size, num_frames=args.frames,
+                          num_train_per_class=args.train_per_class, num_val_per_class=args.val_per_class)
 
 
 def family_jobs(args: argparse.Namespace, out: Path) -> list[Job]:
     jobs = []
     for kind in args.kinds:
-        data = generate_synth(out / "data" / kind, kind=kind, seed=args.data_seed, size=args.size,
-                              num_frames=args.frames, num_train_per_class=args.train_per_class,
-                              num_val_per_class=args.val_per_class)
+        data = kind_data(args, out, kind)
         for model in args.models:
             for seed in args.seeds:
                 jobs.append(Job(f"{kind}/{model}/seed{seed}", out / "runs" / kind / model / f"seed{seed}",
@@ -124,7 +135,8 @@ def family_table(results: list[dict], kinds: list[str], models: list[str]) -> li
         for model in models:
             rs = sorted((r for r in results if r["kind"] == kind and r["model"] == model), key=lambda r: r["seed"])
             seeds = " / ".join(f"{r['top1']:.1f}" for r in rs)
-            cells.append(f"{mean_sd([r['top1'] for r in rs])} ({seeds}) | {statistics.mean(r['cpu_s'] for r in rs):.0f}")
+            cpu = f"{statistics.mean(r['cpu_s'] for r in rs):.0f}" if rs else "-"
+            cells.append(f"{mean_sd([r['top1'] for r in rs])} ({seeds}) | {cpu}")
         lines.append(f"| `{kind}` | {len(KINDS[kind].classes)} | {' | '.join(cells)} |")
     return lines
 
@@ -134,6 +146,8 @@ def pair_table(results: list[dict], kinds: list[str], model: str) -> list[str]:
     lines = ["| kind | per pair: mean top-1 over seeds (%) |", "|---|---|"]
     for kind in kinds:
         rs = [r for r in results if r["kind"] == kind and r["model"] == model]
+        if not rs:
+            continue
         cells = []
         for _, fwd, bwd in KINDS[kind].pairs:
             acc = statistics.mean((r["per_class"][fwd] + r["per_class"][bwd]) / 2 for r in rs)
@@ -142,24 +156,30 @@ def pair_table(results: list[dict], kinds: list[str], model: str) -> list[str]:
     return lines
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/synth_family", help="data and runs go here (not into the repository)")
-    p.add_argument("--recipe", default=FROM_SCRATCH_RECIPE, help="a YAML file or a packaged recipe's name")
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The options both drivers share: which kinds, which seeds, the data, how many runs at a time, the output."""
     p.add_argument("--kinds", type=lambda s: s.split(","), default=list(KINDS))
-    p.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--train-per-class", type=int, default=200)
     p.add_argument("--val-per-class", type=int, default=20)
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
     p.add_argument("--set", action="append", default=[], help="extra recipe override for every run")
     p.add_argument("--md", help="write the markdown tables here")
+    p.add_argument("--done-only", action="store_true", help="train nothing: tabulate the runs already finished")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/synth_family", help="data and runs go here (not into the repository)")
+    p.add_argument("--recipe", default=FROM_SCRATCH_RECIPE, help="a YAML file or a packaged recipe's name")
+    p.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
+    add_common_args(p)
     args = p.parse_args()
     out = Path(args.out)
-    results = run_all(family_jobs(args, out), args.jobs)
+    results = run_all(family_jobs(args, out), args.jobs, args.done_only)
     (out / "family.json").write_text(json.dumps(results, indent=1))
     lines = (kinds_table(args.kinds) + [""] + family_table(results, args.kinds, args.models) + [""]
              + pair_table(results, args.kinds, args.models[0]))
