@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pks4.data.synth import generate_synth
 from pks4.cli.training import recipe_path
+from pks4.data.synth import generate_synth
 from pks4.recipes import FROM_SCRATCH_RECIPE
 
 _DIR = Path(__file__).resolve().parents[1] / "benchmarks"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pks4.engine.config import load_config
 from pks4.cli.training import recipe_path
+from pks4.engine.config import load_config
 from pks4.recipes import FROM_SCRATCH_MODELS, FROM_SCRATCH_RECIPE, choose_recipe
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
+from pks4.cli.training import recipe_path
 from pks4.data.synth import KINDS
 from pks4.engine.config import load_config
 from pks4.engine.train import build_model
-from pks4.cli.training import recipe_path
 
 _DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(_DIR))  # the script imports its sibling synth_family.py
