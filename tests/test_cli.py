@@ -23,7 +23,8 @@ def _train_args(data, out, epochs):
             "--data-root", str(data.root), "--labels", str(data.labels), "--num-classes", "10", "--frames", "4",
             "--size", "32", "--epochs", str(epochs), "--batch-size", "4", "--out", str(out), "--workers", "0",
             "--set", "data.short_side=32", "--set", "train.log_every=1", "--set", "train.progress=false",
-            "--set", "train.tensorboard=false", "--set", "eval.views=4x1x3", "--set", "eval.batch_size=10"]
+            "--set", "train.tensorboard=false", "--set", "eval.views=4x1x3", "--set", "eval.batch_size=10",
+            "--set", "train.save_every=1"]
 
 
 def test_train_interrupt_resume_eval_predict(data, tmp_path, capsys):

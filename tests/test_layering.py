@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pks4"
 LAYERS = {
     "data": 0, "layers": 0, "ssm": 0, "errors": 0, "version": 0,
     "models": 1, "weights": 1,
-    "engine": 2,
+    "engine": 2, "recipes": 2,
     "cli": 3, "api": 3, "web": 3, "__init__": 3, "__main__": 3,
 }
 

@@ -17,7 +17,7 @@ with typed arguments.
     pks4 serve RUN_OR_FOLDER [--port 8000] [--examples DIR]     (needs pks4[web])
     pks4 retrieval | linear-probe | embed --checkpoint CKPT_OR_RUNDIR [--frames T] [--size S] ...
     pks4 text-retrieval --checkpoint VIDEO_TEXT_RUN [--captions FILE --format FORMAT] [--rerank K] [--json]
-    pks4 data check LIST_OR_DIR | pks4 data synth OUT_DIR [--seed N] [--train-per-class N] [--val-per-class N]
+    pks4 data check LIST_OR_DIR | pks4 data synth OUT_DIR [--kind NAME] [--seed N] [--train-per-class N] ...
     pks4 data captions SYNTH_DIR [--no-vocab]
     pks4 models | pks4 profile MODEL | pks4 demo [--out DIR] [--task video-text]
 

@@ -21,17 +21,18 @@ def _data_check_cmd(args: argparse.Namespace) -> int:
 
 
 def _data_synth_cmd(args: argparse.Namespace) -> int:
-    from pks4.data.synth import generate_synth
+    from pks4.data.synth import check_request, generate_synth
     from pks4.engine.rundir import check_destination
 
-    for flag, value, low in (("--train-per-class", args.train_per_class, 0), ("--val-per-class", args.val_per_class, 0),
-                             ("--frames", args.frames, 1), ("--size", args.size, 16)):
-        if value < low:
-            raise ValueError(f"data synth {flag} {value}: expected at least {low}")
+    for flag, value in (("--train-per-class", args.train_per_class), ("--val-per-class", args.val_per_class)):
+        if value < 0:
+            raise ValueError(f"data synth {flag} {value}: expected at least 0")
+    check_request(args.kind, args.frames, args.size, frames_name="data synth --frames", size_name="data synth --size")
     check_destination(args.out_dir, option="OUT_DIR", what="dataset folder", min_free=0)  # before any video
-    splits = generate_synth(args.out_dir, seed=args.seed, num_train_per_class=args.train_per_class,
+    splits = generate_synth(args.out_dir, kind=args.kind, seed=args.seed, num_train_per_class=args.train_per_class,
                             num_val_per_class=args.val_per_class, num_frames=args.frames, size=args.size)
-    print(f"wrote {splits.num_classes} classes to {splits.root}: train list {splits.train}, val list {splits.val}")
+    print(f"wrote {splits.num_classes} classes of kind {args.kind} to {splits.root}: train list {splits.train}, "
+          f"val list {splits.val}")
     return 0
 
 
@@ -170,6 +171,8 @@ def _add_data(sub: Any) -> None:
     chk.set_defaults(func=_data_check_cmd)
     syn = data.add_parser("synth", help="write the built-in temporal benchmark")
     syn.add_argument("out_dir", metavar="OUT_DIR")
+    syn.add_argument("--kind", default="classic", help="which benchmark of the family: classic (default), sweep, "
+                     "busy, occlusion, dynamics (see pks4.data.synth)")
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--train-per-class", type=int, default=40, help="training clips per class (default 40)")
     syn.add_argument("--val-per-class", type=int, default=12, help="validation clips per class (default 12)")

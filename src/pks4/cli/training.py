@@ -92,11 +92,16 @@ def _run(args: argparse.Namespace, sets: list[str], load: Callable[..., Any], ru
 def _train_cmd(args: argparse.Namespace) -> int:
     from pks4.engine.config import load_config
     from pks4.engine.train import train
+    from pks4.recipes import choose_recipe
 
     sets = [f"{key}={getattr(args, flag)}" for flag, (key, _) in _TRAIN_FLAGS.items()
             if getattr(args, flag) is not None]
     if args.skip_bad_videos:
         sets.append("data.skip_bad_videos=true")
+    if args.config is None:
+        # Flags alone: a tiny model from random weights gets the from-scratch recipe, not the fine-tuning defaults.
+        args.config, why = choose_recipe(None, sets + list(args.set or []))
+        print(why, flush=True)
     return _run(args, sets, load_config, train, lambda r: "best val top-1 "
                 + (f"{r.best_score:.2f}" if r.best_score is not None else "n/a"))
 

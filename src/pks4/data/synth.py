@@ -1,15 +1,22 @@
-"""The built-in temporal benchmark: a small Something-Something-like dataset written as real mp4 files.
+"""The built-in temporal benchmarks: a family of small Something-Something-like datasets written as real mp4 files.
 
-Classes come in time-reversed pairs (moving right / moving left, moving down / moving up, approaching /
-receding, rotating clockwise / counter-clockwise, appearing / disappearing). A video of the second class of a
-pair is rendered exactly like one of the first class and then played backwards, so both classes draw their
-frames from the same distribution of frame SETS: a model that averages per-frame features cannot tell a pair
-apart (it is at chance within each pair, <= 50% overall with 5 pairs), while a model that sees temporal order
-can. This is the property SSV2 is built around ("temporal-heavy", PKS4 paper §4) in a form that trains on a
-laptop in minutes.
+Every kind of the family has classes in time-reversed pairs. A video of the second class of a pair is rendered
+exactly like one of the first class and then played backwards, so both classes draw their frames from the same
+distribution of frame SETS: a model that averages per-frame features cannot tell a pair apart (it is at chance
+within each pair, <= 50% overall), while a model that sees temporal order can. This is the property SSV2 is
+built around ("temporal-heavy", PKS4 paper §4) in a form that trains on a laptop in minutes.
 
-Scenes have textured backgrounds, static distractor shapes, per-frame camera jitter and objects of varied
-shape, colour, size and speed (rotating objects are dials: a disc with a hand); every random choice flows from ``seed``, so the same seed gives the same files.
+The kinds (``pks4 data synth OUT --kind NAME``; :data:`KINDS`):
+
+* ``classic`` (the default, the demo's benchmark): one object moving right / left, down / up, approaching /
+  receding, rotating clockwise / counter-clockwise, appearing / disappearing, over a muted texture with static
+  distractors and camera jitter; rotating objects are dials (a disc with a hand).
+* ``sweep`` (``synth_sweep``): the whole frame sweeps, zooms, brightens or is wiped, over a busy texture.
+* ``busy`` (``synth_busy``): a group of objects over a busy drifting texture among drifting distractors.
+* ``occlusion`` (``synth_occlusion``): hiding behind a wall, covering, filling, stacking.
+* ``dynamics`` (``synth_dynamics``): speeding up, stretching, extending, splitting.
+
+Every random choice flows from ``seed``, so the same seed gives the same files.
 """
 from __future__ import annotations
 
@@ -23,15 +30,25 @@ from typing import Sequence
 import av
 import numpy as np
 
+from . import synth_busy, synth_dynamics, synth_occlusion, synth_sweep
+from .synth_scene import JITTER as _JITTER
+from .synth_scene import SHAPES, SynthKind, hsv_to_rgb as _hsv_to_rgb, muted_background as _background, \
+    paint as _paint, render_pair_clip
+
 __all__ = [
     "CLASSES",
     "FLIP_PAIRS",
+    "KINDS",
+    "SynthKind",
     "SynthParams",
     "SynthSplits",
     "ENCODER_OPTIONS",
     "write_video",
     "sample_params",
     "render_clip",
+    "render_pair_clip",
+    "get_kind",
+    "check_request",
     "generate_synth",
 ]
 
@@ -49,12 +66,10 @@ FLIP_PAIRS: tuple[tuple[str, str], ...] = (
     ("moving_right", "moving_left"),
     ("rotating_clockwise", "rotating_counterclockwise"),
 )
-SHAPES = ("square", "triangle", "cross", "ell", "disc", "diamond")
 # Every frame coded alone at a constant quantiser: identical frames then decode identically wherever they sit in
 # the clip, so the pair property (same frames, reversed order) holds for the decoded files too, and compression
 # artefacts cannot leak the playing direction to an order-blind model.
 ENCODER_OPTIONS = {"x264-params": "keyint=1:qp=14"}
-_JITTER = 2  # camera shake in pixels; the canvas is rendered this much larger on every side
 
 
 def write_video(
@@ -140,14 +155,6 @@ class SynthParams:
     jitter: tuple[tuple[int, int], ...]  # camera offset per frame
 
 
-def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
-    i = int(h * 6) % 6
-    f = h * 6 - int(h * 6)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    rgb = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
-    return tuple(int(round(c * 255)) for c in rgb)
-
-
 def sample_params(rng: np.random.Generator, kind: str, num_frames: int, size: int) -> SynthParams:
     """Random scene for one video of pair ``kind`` ("translate_x", "translate_y", "scale", "rotate", "fade").
 
@@ -207,56 +214,6 @@ def sample_params(rng: np.random.Generator, kind: str, num_frames: int, size: in
     )
 
 
-def _background(seed: int, n: int) -> np.ndarray:
-    """Muted texture (n, n, 3) float: coarse colour blobs plus fine grain, darker than the objects."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.uniform(0, 1, size=(5, 5, 3))
-    grid = np.linspace(0, 4, n)
-    i0 = np.clip(grid.astype(int), 0, 3)
-    f = (grid - i0)[:, None]
-    rows = coarse[i0] * (1 - f[..., None]) + coarse[i0 + 1] * f[..., None]  # (n, 5, 3)
-    img = rows[:, i0] * (1 - f.T[..., None]) + rows[:, i0 + 1] * f.T[..., None]  # (n, n, 3)
-    base = rng.uniform(40, 110, size=3)
-    grain = rng.normal(0, 10, size=(n, n, 1))
-    return base + 50 * (img - 0.5) + grain
-
-
-def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Inside test in the object's own unit frame (u right, v down, radius 1)."""
-    au, av_ = np.abs(u), np.abs(v)
-    if shape == "square":
-        return np.maximum(au, av_) <= 0.85
-    if shape in ("disc", "dial"):
-        return u * u + v * v <= 1.0
-    if shape == "diamond":
-        return au + av_ <= 1.1
-    if shape == "triangle":  # pointing up in its own frame
-        return (v <= 0.8) & (v >= -1.0 + 1.8 * au)
-    if shape == "cross":
-        return ((au <= 0.35) & (av_ <= 1.0)) | ((au <= 1.0) & (av_ <= 0.35))
-    if shape == "ell":
-        return ((u >= -0.9) & (u <= -0.2) & (av_ <= 0.95)) | ((u >= -0.9) & (u <= 0.9) & (v >= 0.3) & (v <= 0.95))
-    raise ValueError(f"unknown synth shape {shape!r}; expected one of {SHAPES + ('dial',)}")
-
-
-def _paint(canvas: np.ndarray, xs: np.ndarray, ys: np.ndarray, shape: str, color, r: float, cx: float, cy: float,
-           angle: float = 0.0, alpha: float = 1.0, marker=None) -> None:
-    """Draw one shape (rotated by ``angle`` degrees clockwise on screen) into ``canvas`` in place."""
-    t = np.deg2rad(angle)
-    dx, dy = (xs - cx) / r, (ys - cy) / r
-    u = dx * np.cos(t) + dy * np.sin(t)
-    v = -dx * np.sin(t) + dy * np.cos(t)
-    inside = _shape_mask(shape, u, v)
-    canvas[inside] = (1 - alpha) * canvas[inside] + alpha * np.asarray(color, dtype=np.float64)
-    if marker is None:
-        return
-    if shape == "dial":  # a hand from the centre to the rim: its whole length sweeps across patches
-        mark = (np.abs(u) <= 0.3) & (v <= 0) & (v >= -1.0)
-    else:  # an off-centre dot makes every shape show its orientation
-        mark = u ** 2 + (v + 0.6) ** 2 <= 0.3 ** 2
-    canvas[mark] = (1 - alpha) * canvas[mark] + alpha * np.asarray(marker, dtype=np.float64)
-
-
 def _render_forward(kind: str, p: SynthParams, num_frames: int, size: int) -> np.ndarray:
     n = size + 2 * _JITTER
     scene = _background(p.background_seed, n)
@@ -287,6 +244,49 @@ def render_clip(label: int, params: SynthParams, num_frames: int, size: int) -> 
     return frames[::-1].copy() if label % 2 else frames
 
 
+def _render_classic(pair: str, rng: np.random.Generator, num_frames: int, size: int) -> np.ndarray:
+    return _render_forward(pair, sample_params(rng, pair, num_frames, size), num_frames, size)
+
+
+CLASSIC = SynthKind(
+    name="classic",
+    description="one object translating, scaling, rotating or fading over a muted texture (the demo's benchmark)",
+    pairs=PAIRS,
+    render=_render_classic,
+    flip_pairs=FLIP_PAIRS,
+    sizes=(16, 512),
+    frames=(1, 256),
+    version=4,
+)
+KINDS: dict[str, SynthKind] = {k.name: k for k in (CLASSIC, synth_sweep.KIND, synth_busy.KIND,
+                                                   synth_occlusion.KIND, synth_dynamics.KIND)}
+
+
+def _available() -> str:
+    return "; ".join(f"{k.name} ({k.ranges()})" for k in KINDS.values())
+
+
+def get_kind(name: str) -> SynthKind:
+    """The registered kind ``name``; an unknown name is a ValueError listing every kind and what it draws."""
+    if name not in KINDS:
+        raise ValueError(f"unknown synth kind {name!r}; available kinds: {_available()}")
+    return KINDS[name]
+
+
+def check_request(kind: str, num_frames: int, size: int, *, frames_name: str = "num_frames",
+                  size_name: str = "size") -> SynthKind:
+    """The kind ``kind`` if it can draw clips of ``num_frames`` x ``size`` px, else a ValueError that names the
+    option (``frames_name`` / ``size_name``: e.g. "--frames" on the command line) and lists what is available."""
+    spec = get_kind(kind)
+    for name, value, (low, high), unit in ((frames_name, num_frames, spec.frames, "frames"),
+                                           (size_name, size, spec.sizes, "px")):
+        if not low <= value <= high:
+            bound = f"at least {low}" if value < low else f"at most {high}"
+            raise ValueError(f"{name} {value}: kind {kind!r} draws {low}-{high} {unit} (expected {bound}); "
+                             f"available kinds: {_available()}")
+    return spec
+
+
 @dataclass(frozen=True)
 class SynthSplits:
     """Where ``generate_synth`` put things: lists are ``path label`` lines relative to ``root``."""
@@ -314,6 +314,7 @@ class SynthSplits:
 def generate_synth(
     out_dir: str | os.PathLike,
     *,
+    kind: str = "classic",
     seed: int = 0,
     num_train_per_class: int = 40,
     num_val_per_class: int = 12,
@@ -321,35 +322,41 @@ def generate_synth(
     size: int = 64,
     fps: float = 8.0,
 ) -> SynthSplits:
-    """Write the synthetic benchmark under ``out_dir`` and return its (absolute) paths; deterministic in ``seed``.
+    """Write benchmark ``kind`` under ``out_dir`` and return its (absolute) paths; deterministic in ``seed``.
 
     Layout: ``{train,val}/<class>/<class>_<k>.mp4``, ``train.txt``/``val.txt`` (``path label``),
     ``classes.txt`` (one name per line) and ``flip_pairs.txt`` (class names a horizontal flip swaps).
     A ``manifest.json`` written last records the settings; a folder whose manifest matches is reused as is.
-    Defaults (10 classes, 400 train / 120 val videos of 16 x 64 x 64) generate in a few seconds.
+    Defaults (classic: 10 classes, 400 train / 120 val videos of 16 x 64 x 64) generate in a few seconds.
+    An unknown kind, or a frame count or size the kind cannot draw, is a ValueError listing the kinds.
     """
+    spec = check_request(kind, num_frames, size)
+    for name, value in (("num_train_per_class", num_train_per_class), ("num_val_per_class", num_val_per_class)):
+        if value < 0:
+            raise ValueError(f"{name} {value}: expected at least 0")
     root = Path(out_dir).resolve()  # a run config that names these lists must work from any folder
-    settings = dict(seed=seed, num_train_per_class=num_train_per_class, num_val_per_class=num_val_per_class,
-                    num_frames=num_frames, size=size, fps=fps, classes=list(CLASSES), version=4)
+    settings = dict(kind=kind, seed=seed, num_train_per_class=num_train_per_class,
+                    num_val_per_class=num_val_per_class, num_frames=num_frames, size=size, fps=fps,
+                    classes=list(spec.classes), version=spec.version)
     splits = SynthSplits(root, root / "train.txt", root / "val.txt", root / "classes.txt",
-                         root / "flip_pairs.txt", len(CLASSES), size)
+                         root / "flip_pairs.txt", len(spec.classes), size)
     manifest = root / "manifest.json"
     if manifest.is_file() and json.loads(manifest.read_text()) == settings:
         return splits
     root.mkdir(parents=True, exist_ok=True)
     for split_id, (split, per_class) in enumerate((("train", num_train_per_class), ("val", num_val_per_class))):
         lines = []
-        for label, name in enumerate(CLASSES):
+        for label, name in enumerate(spec.classes):
             for k in range(per_class):
                 rng = np.random.default_rng([seed, split_id, label, k])
-                params = sample_params(rng, PAIRS[label // 2][0], num_frames, size)
                 rel = f"{split}/{name}/{name}_{k:03d}.mp4"
-                write_video(root / rel, render_clip(label, params, num_frames, size), fps, crf=None,
+                write_video(root / rel, render_pair_clip(spec, label, rng, num_frames, size), fps, crf=None,
                             options=ENCODER_OPTIONS)
                 lines.append(f"{rel} {label}")
         (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    splits.labels.write_text("\n".join(CLASSES) + "\n")
-    splits.flip_pairs.write_text("\n".join(f"{a} {b}" for a, b in FLIP_PAIRS) + "\n")
+    splits.labels.write_text("\n".join(spec.classes) + "\n")
+    swaps = [f"{a} {b}" for a, b in spec.flip_pairs] or [f"# kind {kind}: a horizontal flip changes no class"]
+    splits.flip_pairs.write_text("\n".join(swaps) + "\n")
     manifest.write_text(json.dumps(settings, indent=1))
     return splits
 
