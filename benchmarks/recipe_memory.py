@@ -17,6 +17,7 @@ The estimate leaves out short-lived workspace (the scan's partial sums, matmul w
 recipe counts as fitting one 80 GB GPU when the estimate is at most ``LIMIT_GIB``, leaving the rest for that.
 
     .venv/bin/python benchmarks/recipe_memory.py              # about an hour on 2 busy cores
+    .venv/bin/python benchmarks/recipe_memory.py --only videomamba_tiny_lvu_f32.yaml   # add one recipe's rows
     .venv/bin/python benchmarks/recipe_memory.py --from-rows benchmarks/recipe_memory.jsonl
     .venv/bin/python benchmarks/recipe_memory.py --check-linearity
 """
@@ -33,11 +34,14 @@ import yaml
 HERE = Path(__file__).resolve().parent
 RECIPES = HERE.parent / "src" / "pks4" / "configs"
 BATCHES = (2, 3)
+PLAIN_MAX_FRAMES = 32  # longer clips at 224 px are counted with checkpointing only; their plain count is scaled
 LIMIT_GIB = 60.0  # of an 80 GB card's 80 GiB: the rest for workspace, allocator slack and the CUDA context
 
 
 def recipes() -> list[Path]:
-    return sorted(RECIPES.glob("videomamba_*.yaml"))
+    """The VideoMamba classification and masked-pretraining recipes (a video-text recipe adds a text encoder this
+    count does not build)."""
+    return sorted(p for p in RECIPES.glob("videomamba_*.yaml") if "task" not in yaml.safe_load(p.read_text()))
 
 
 def recipe_setting(path: Path) -> dict:
@@ -123,20 +127,43 @@ def _pretrain_saved_bytes(student, teacher, x) -> int:
 
 
 # ---- from measurements to estimates --------------------------------------------------------------------------
+def _saved_at(setting: dict, rows: list[dict], ckpt: bool) -> float | None:
+    """Saved bytes at the recipe's batch from its batch-2 and batch-3 rows (None when they are not measured)."""
+    got = {r["batch"]: r["saved"] for r in rows if r["key"] == key(setting) and r["checkpointing"] == ckpt}
+    if set(got) != set(BATCHES):
+        return None
+    per_clip = got[3] - got[2]
+    return got[2] + (setting["batch"] - 2) * per_clip  # the constant (weight copies) is in got[2] once
+
+
+def _plain_from_fewer_frames(setting: dict, rows: list[dict]) -> tuple[float, int] | None:
+    """The plain count of a clip too long to measure here without checkpointing (VideoMamba-S at 64 x 224 saves
+    about 7 GiB per clip), from the same model at the most frames measured: every saved tensor of a Mamba stack
+    is per token (no attention matrix; the scan keeps its inputs and one state per 256 steps), so the count per
+    clip is linear in the frames. Returns (bytes, frames it was scaled from)."""
+    for frames in sorted({json.loads(r["key"])[2] for r in rows}, reverse=True):
+        if frames >= setting["frames"]:
+            continue
+        shorter = {**setting, "frames": frames}
+        saved = _saved_at(shorter, rows, False)
+        if saved is not None:
+            got = {r["batch"]: r["saved"] for r in rows if r["key"] == key(shorter) and not r["checkpointing"]}
+            per_clip = got[3] - got[2]
+            constant = got[2] - 2 * per_clip  # the weight copies, at any clip length
+            return constant + setting["batch"] * per_clip * setting["frames"] / frames, frames
+    return None
+
+
 def estimate(setting: dict, rows: list[dict]) -> dict:
     """GiB at the recipe's batch, without and (where measured) with activation checkpointing."""
-    def saved_at(ckpt: bool) -> float | None:
-        got = {r["batch"]: r["saved"] for r in rows if r["key"] == key(setting) and r["checkpointing"] == ckpt}
-        if set(got) != set(BATCHES):
-            return None
-        per_clip = got[3] - got[2]
-        return got[2] + (setting["batch"] - 2) * per_clip  # the constant (weight copies) is in got[2] once
-
     any_row = next(r for r in rows if r["key"] == key(setting))
     weights = 16 * any_row["trained_params"] + 4 * any_row["frozen_params"]
-    plain, ckpt = saved_at(False), saved_at(True)
+    plain, ckpt = _saved_at(setting, rows, False), _saved_at(setting, rows, True)
+    scaled_from = None
+    if plain is None:
+        plain, scaled_from = _plain_from_fewer_frames(setting, rows)
     gib = 2**30
-    out = {**setting, "weights_gib": weights / gib, "plain_gib": (plain + weights) / gib}
+    out = {**setting, "weights_gib": weights / gib, "plain_gib": (plain + weights) / gib, "scaled_from": scaled_from}
     if ckpt is not None:
         block = plain / any_row["depth"]  # the block being recomputed in the backward pass
         out["checkpointed_gib"] = (ckpt + block + weights) / gib
@@ -152,8 +179,9 @@ def render(estimates: list[dict], command: str) -> str:
     for e in estimates:
         ck = e.get("checkpointed_gib")
         used = ck if e["grad_checkpointing"] and ck is not None else e["plain_gib"]
+        plain = f"{e['plain_gib']:.1f}" + (f" (scaled from {e['scaled_from']} frames)" if e.get("scaled_from") else "")
         lines.append(f"| {e['recipe']} | {e['model']} | {e['frames']} x {e['size']} | {e['batch']} (x {e['accum']}) "
-                     f"| {e['weights_gib']:.1f} | {e['plain_gib']:.1f} | {'-' if ck is None else f'{ck:.1f}'} "
+                     f"| {e['weights_gib']:.1f} | {plain} | {'-' if ck is None else f'{ck:.1f}'} "
                      f"| {'checkpointing' if e['grad_checkpointing'] else 'no checkpointing'} "
                      f"| {'yes' if used <= LIMIT_GIB else 'NO'} ({used:.1f} GiB) |")
     return "\n".join(lines) + "\n"
@@ -162,13 +190,15 @@ def render(estimates: list[dict], command: str) -> str:
 def measure_all(settings: list[dict], out_rows: Path) -> list[dict]:
     """Every recipe at batch 2 and 3 without checkpointing; with it too where that estimate exceeds the limit
     (or the recipe already sets it). One process per measurement, so no allocator cache carries over."""
-    rows: list[dict] = []
+    rows = [json.loads(x) for x in out_rows.read_text().splitlines() if x.strip()] if out_rows.exists() else []
     for setting in settings:
         for ckpt in (False, True):
             if any(r["key"] == key(setting) and r["checkpointing"] == ckpt for r in rows):
                 continue  # measured for another recipe of the same model setting
             if ckpt and not setting["grad_checkpointing"] and estimate(setting, rows)["plain_gib"] <= LIMIT_GIB:
                 continue
+            if not ckpt and setting["frames"] > PLAIN_MAX_FRAMES:
+                continue  # too large for this machine's memory without checkpointing: scaled (_plain_from_fewer_frames)
             for batch in BATCHES:
                 cmd = [sys.executable, __file__, "--worker", json.dumps(setting), "--batch", str(batch)]
                 cmd += ["--checkpointing"] if ckpt else []
@@ -218,8 +248,11 @@ def main() -> None:
     if args.from_rows:
         rows = [json.loads(x) for x in args.from_rows.read_text().splitlines() if x.strip()]
     else:
-        (HERE / "recipe_memory.jsonl").unlink(missing_ok=True)
+        if not args.only:  # a full run starts afresh; --only adds the recipes it names to the rows kept
+            (HERE / "recipe_memory.jsonl").unlink(missing_ok=True)
         rows = measure_all(settings, HERE / "recipe_memory.jsonl")
+        settings = [recipe_setting(p) for p in recipes()]
+        settings.sort(key=lambda s: (s["model"] != "videomamba_tiny", s["model"] == "videomamba_middle", s["frames"]))
     estimates = [estimate(s, rows) for s in settings if any(r["key"] == key(s) for r in rows)]
     text = render(estimates, "python benchmarks/recipe_memory.py")
     (HERE / "recipe_memory.md").write_text(text)
