@@ -144,10 +144,9 @@ def _plain_from_fewer_frames(setting: dict, rows: list[dict]) -> tuple[float, in
     for frames in sorted({json.loads(r["key"])[2] for r in rows}, reverse=True):
         if frames >= setting["frames"]:
             continue
-        shorter = {**setting, "frames": frames}
-        saved = _saved_at(shorter, rows, False)
-        if saved is not None:
-            got = {r["batch"]: r["saved"] for r in rows if r["key"] == key(shorter) and not r["checkpointing"]}
+        shorter = key({**setting, "frames": frames})
+        got = {r["batch"]: r["saved"] for r in rows if r["key"] == shorter and not r["checkpointing"]}
+        if set(got) == set(BATCHES):
             per_clip = got[3] - got[2]
             constant = got[2] - 2 * per_clip  # the weight copies, at any clip length
             return constant + setting["batch"] * per_clip * setting["frames"] / frames, frames

@@ -55,6 +55,7 @@ at start-up; the LR schedule spans the sum of the planned steps (warm-up: warm-u
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -610,8 +611,6 @@ def run_printed(cfg: Any, build: Callable[..., Loop], resume: str | None = None,
     ``build(cfg, resume=resume, log=log)`` and run it in ``cfg.out``, locked and never over an earlier run
     (:func:`pks4.engine.rundir.guarded_run_dir`; ``overwrite`` moves one aside); the process group is torn down
     afterwards."""
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         log(format_config(cfg).rstrip())
     with guarded_run_dir(cfg.out, resume=resume, overwrite=overwrite, log=log), process_group():
