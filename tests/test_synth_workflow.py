@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from pks4.cli.training import recipe_path
@@ -28,10 +29,29 @@ def test_scene_frames_label_every_frame_of_every_pair():
     assert torch.equal(labels, torch.arange(scenes).repeat_interleave(16))
 
 
+def test_shape_images_are_deterministic_and_label_what_one_image_shows():
+    images, labels, names = workflow.shape_images(64, seed=0, size=64)
+    again, same, _ = workflow.shape_images(64, seed=0, size=64)
+    assert torch.equal(images, again) and torch.equal(labels, same)
+    assert names == list(workflow.SHAPE_ATTRIBUTES)
+    assert images.shape == (64, 3, 32, 32) and images.dtype == torch.uint8 and labels.shape == (64, len(names))
+    for k, count in enumerate(workflow.SHAPE_ATTRIBUTES.values()):
+        assert 0 <= labels[:, k].min() and labels[:, k].max() < count
+    assert len(labels[:, 0].unique()) > 3 and not torch.equal(images[0], images[1])
+
+
+def test_a_tower_learns_several_attribute_columns_at_once():
+    images, labels, _ = workflow.shape_images(256, seed=1, size=64)
+    classes = list(workflow.SHAPE_ATTRIBUTES.values())
+    tower, curve = workflow.train_tower((images, labels), (images, labels), classes, epochs=2, seed=0, augment=False)
+    chance = 100.0 * sum(1 / c for c in classes) / len(classes)
+    assert len(curve) == 2 and curve[-1] > chance
+
+
 def test_tower_trains_and_its_file_starts_pks4_as_the_tower(tmp_path):
     images, labels, names = workflow.scene_frames(1, seed=1, frames=8, size=64)
     data = (images[:256], labels[:256])
-    tower, curve = workflow.train_tower(data, data, len(names), epochs=1, seed=0)
+    tower, curve = workflow.train_tower(data, data, [len(names)], epochs=1, seed=0)
     assert len(curve) == 1 and 0.0 <= curve[0] <= 100.0
     path = workflow.save_openai_layout(tower, tmp_path / "tower.pt")
     saved = torch.load(path, weights_only=True)
@@ -48,3 +68,13 @@ def test_tower_trains_and_its_file_starts_pks4_as_the_tower(tmp_path):
                                                                           "model.name=vit_tiny_avgpool"]), 8).eval()
     with torch.no_grad():
         torch.testing.assert_close(baseline.forward_features(clips), per_frame.mean(1), rtol=1e-5, atol=1e-5)
+
+
+def test_the_test_table_reads_a_runs_final_checkpoint_not_its_best(tmp_path):
+    run = tmp_path / "run"
+    for name in ("best", "step-00000500", "step-00001500", "step-00000625"):
+        (run / "checkpoints" / name).mkdir(parents=True)
+    assert workflow.final_checkpoint(run).name == "step-00001500"
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no step checkpoint"):
+        workflow.final_checkpoint(tmp_path / "empty")
