@@ -42,7 +42,7 @@ from pks4.data.transforms import CLIP_MEAN, CLIP_STD
 from pks4.models.clip_vit import CLIPVisionConfig, CLIPVisionTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synth_family import Job, add_common_args, kind_data, mean_sd, run_all  # noqa: E402  (a sibling script)
+from synth_family import Job, add_common_args, kind_data, mean_sd, pks4_command, run_all  # noqa: E402  (sibling)
 
 TOWER = CLIPVisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=1, output_dim=64)
 TOWER_SPLIT = 2  # generate_synth uses 0 (train) and 1 (val) in the seed of every clip
@@ -260,8 +260,8 @@ def test_top1(run: Path, test_list: Path, tag: str) -> float:
     """Top-1 of ``run``'s final checkpoint on ``test_list`` (``pks4 eval --json``), cached in the run folder."""
     cached = run / f"test_{tag}.json"
     if not cached.is_file():
-        cmd = [str(Path(sys.executable).with_name("pks4")), "eval", "--checkpoint", str(final_checkpoint(run)),
-               "--data", str(test_list), "--json", "--workers", "0", "--quiet"]
+        cmd = [*pks4_command("eval"), "--checkpoint", str(final_checkpoint(run)), "--data", str(test_list), "--json",
+               "--workers", "0", "--quiet"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         done = subprocess.run(["nice", "-n", "10", *cmd], capture_output=True, text=True, env=env, check=True)
         cached.write_text(done.stdout.strip().splitlines()[-1])

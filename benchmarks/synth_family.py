@@ -44,8 +44,9 @@ class Job:
     meta: dict = field(default_factory=dict)
 
 
-def pks4_command() -> list[str]:
-    return [str(Path(sys.executable).with_name("pks4")), "train"]
+def pks4_command(command: str = "train") -> list[str]:
+    """``pks4 COMMAND`` from the environment running this script."""
+    return [str(Path(sys.executable).with_name("pks4")), command]
 
 
 def run_job(job: Job) -> dict:
